@@ -1,0 +1,115 @@
+"""Gather ASR jobs that arrive together into one batched model call.
+
+LocalAI spawns one worker per model and sends it every user's request. Running them one by one leaves most of
+the hardware idle; a batched forward pass costs little more than a single one. A job is one audio window with
+its own context and language; one thread per loaded model takes the first waiting job, waits at most
+`window_s` for up to `max_batch_size - 1` more, runs them as one call and resolves each job's future with its
+own result.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AsrJob:
+    """One window to transcribe: 16 kHz mono samples, the prompt context and a forced language or None."""
+
+    samples: np.ndarray
+    context: str
+    language: str | None
+    future: Future[tuple[str, str]] = field(default_factory=Future, compare=False)
+
+
+RunBatch = Callable[[Sequence[AsrJob]], list[tuple[str, str]]]
+_STOP = object()
+
+
+class AsrBatcher:
+    """A queue and one worker thread that runs queued `AsrJob`s in batches through `run_batch`.
+
+    `run_batch` returns one `(language, text)` per job, in order. If a batched call fails, each job of that
+    batch is retried alone, so one job the model chokes on fails only its own request.
+    """
+
+    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, window_s: float, name: str) -> None:
+        self._run_batch = run_batch
+        self._max = max_batch_size
+        self._window = window_s
+        self._queue: queue.Queue[AsrJob | object] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, samples: np.ndarray, context: str, language: str | None) -> Future[tuple[str, str]]:
+        """Queue one window; the future resolves to `(language, text)` or to the model's exception."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        job = AsrJob(samples, context, language)
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        """Finish the jobs already queued, then stop the thread (does not wait for it)."""
+        self._closed = True
+        self._queue.put(_STOP)
+
+    def _gather(self, first: AsrJob) -> tuple[list[AsrJob], bool]:
+        batch = [first]
+        deadline = time.monotonic() + self._window
+        while len(batch) < self._max:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, AsrJob)
+            batch.append(item)
+        return batch, False
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, AsrJob)
+            batch, stop = self._gather(item)
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[AsrJob]) -> None:
+        try:
+            results = self._run_batch(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            log.warning("batched call of %d windows failed (%s); retrying each alone", len(batch), exc)
+            for job in batch:
+                self._run_one(job)
+            return
+        for job, result in zip(batch, results, strict=True):
+            job.future.set_result(result)
+
+    def _run_one(self, job: AsrJob) -> None:
+        try:
+            (result,) = self._run_batch([job])
+        except Exception as exc:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)

@@ -1,0 +1,25 @@
+"""Domain errors, one class per gRPC status the servicer maps them to.
+
+The engine raises these with a message that names the problem and the fix; the servicer only translates the
+class into a status code, so the mapping lives in one place (`servicer.STATUS_BY_ERROR`).
+"""
+
+
+class WorkerError(Exception):
+    """Base class of every error the worker reports to the client on purpose."""
+
+
+class InvalidRequest(WorkerError, ValueError):
+    """The request itself is wrong (bad file, language, granularity...): INVALID_ARGUMENT."""
+
+
+class NotReady(WorkerError):
+    """The worker cannot serve this yet (no model loaded, model freed, timestamps disabled): FAILED_PRECONDITION."""
+
+
+class ModelIdentityMismatch(WorkerError):
+    """The request names another model than the loaded one: NOT_FOUND (LocalAI's router looks for this)."""
+
+
+class Cancelled(WorkerError):
+    """The client went away or its deadline passed; the work stopped at the next window."""

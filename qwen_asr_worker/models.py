@@ -1,0 +1,172 @@
+"""Find and load the two checkpoints: the Qwen3-ASR base model and the Qwen3-ForcedAligner.
+
+A model reference from LocalAI is a path (absolute, or relative to `ModelPath`, where LocalAI keeps companion
+artifacts) or a Hugging Face id. Local directories are checked before the heavy import runs, so a wrong path or
+a checkpoint of another kind fails with a message that says which, instead of a transformers traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from qwen_asr import Qwen3ASRModel, Qwen3ForcedAligner
+
+log = logging.getLogger(__name__)
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_reference(reference: str, model_path: str, *, what: str) -> str:
+    """Turn a model reference into a local path or a Hugging Face id.
+
+    Order: an absolute path; a path relative to `model_path`; a path relative to the working directory; a
+    Hugging Face id (`org/name`). Raises `InvalidRequest` naming what was tried otherwise.
+    """
+    ref = reference.strip()
+    if not ref:
+        raise InvalidRequest(f"no {what} given: set it to a local directory or a Hugging Face id")
+    candidate = Path(ref).expanduser()
+    if candidate.is_absolute():
+        if not candidate.exists():
+            raise InvalidRequest(f"{what} path {ref} does not exist; check the path or use a Hugging Face id")
+        return str(candidate)
+    if model_path and (Path(model_path) / candidate).exists():
+        return str(Path(model_path) / candidate)
+    if candidate.exists():
+        return str(candidate.resolve())
+    if _HF_ID.match(ref):
+        return ref
+    where = f" under ModelPath {model_path}" if model_path else ""
+    raise InvalidRequest(
+        f"{what} {ref!r} was not found{where} and is not a Hugging Face id (org/name); "
+        "give an absolute path, a path relative to the models directory, or an id like Qwen/Qwen3-ASR-0.6B"
+    )
+
+
+def _local_config(path: str, what: str) -> dict[str, Any] | None:
+    """The checkpoint's config.json when `path` is local; None for a Hugging Face id."""
+    directory = Path(path)
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        raise InvalidRequest(f"{what} {path} is a file; give the checkpoint directory that holds config.json")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise InvalidRequest(f"{what} directory {path} has no config.json: it is not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"{what} {path}: config.json is unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{what} {path}: config.json is not a JSON object")
+    return config
+
+
+def _is_aligner(config: dict[str, Any]) -> bool:
+    thinker = config.get("thinker_config")
+    return isinstance(thinker, dict) and "forced_aligner" in str(thinker.get("model_type", ""))
+
+
+def check_asr_checkpoint(path: str) -> None:
+    """Reject a local checkpoint that is not a Qwen3-ASR model (before importing anything heavy)."""
+    config = _local_config(path, "model")
+    if config is None:
+        return
+    kind = config.get("model_type")
+    if kind != "qwen3_asr":
+        raise InvalidRequest(f"model {path} is a {kind or 'unknown'} checkpoint, not Qwen3-ASR (model_type qwen3_asr)")
+    if _is_aligner(config):
+        raise InvalidRequest(
+            f"model {path} is a Qwen3-ForcedAligner, not a Qwen3-ASR model; "
+            "load a Qwen3-ASR model and give the aligner as the forced_aligner option"
+        )
+
+
+def check_aligner_checkpoint(path: str) -> None:
+    """Reject a local checkpoint that is not a Qwen3-ForcedAligner."""
+    config = _local_config(path, "forced_aligner")
+    if config is None:
+        return
+    if config.get("model_type") != "qwen3_asr" or not _is_aligner(config):
+        raise InvalidRequest(
+            f"forced_aligner {path} is not a Qwen3-ForcedAligner checkpoint; "
+            "point the option at one (e.g. Qwen/Qwen3-ForcedAligner-0.6B) or set forced_aligner:none"
+        )
+
+
+def _placement(device: str, dtype: torch.dtype) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device != "cpu":
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def load_asr(
+    path: str,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    max_inference_batch_size: int,
+    max_new_tokens: int,
+) -> Qwen3ASRModel:
+    """Load the base Qwen3-ASR model only (no aligner), logging how long it took."""
+    check_asr_checkpoint(path)
+    from qwen_asr import Qwen3ASRModel
+
+    started = time.perf_counter()
+    model = Qwen3ASRModel.from_pretrained(
+        path,
+        forced_aligner=None,
+        max_inference_batch_size=max_inference_batch_size,
+        max_new_tokens=max_new_tokens,
+        attn_implementation=attn_implementation,
+        **_placement(device, dtype),
+    )
+    model.model.eval()
+    log.info(
+        "loaded Qwen3-ASR %s on %s as %s in %.2f s",
+        path,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def load_aligner(path: str, *, device: str, dtype: torch.dtype, attn_implementation: str) -> Qwen3ForcedAligner:
+    """Load just the Qwen3-ForcedAligner, logging how long it took."""
+    check_aligner_checkpoint(path)
+    from qwen_asr import Qwen3ForcedAligner
+
+    started = time.perf_counter()
+    aligner = Qwen3ForcedAligner.from_pretrained(
+        path, attn_implementation=attn_implementation, **_placement(device, dtype)
+    )
+    aligner.model.eval()
+    log.info(
+        "attached Qwen3-ForcedAligner %s on %s as %s in %.2f s",
+        path,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return aligner
+
+
+def offline_hint() -> str:
+    """A hint for load errors when the Hugging Face hub is unreachable or offline mode is on."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return " (HF_HUB_OFFLINE=1: only local directories and already-cached ids load)"
+    return ""

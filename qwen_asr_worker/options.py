@@ -1,0 +1,181 @@
+"""Parse LocalAI's `ModelOptions.Options` (`key:value` strings from the model YAML) once, at LoadModel.
+
+The result is a frozen dataclass with typed values, so the rest of the worker never re-parses strings. An
+unknown key or a bad value fails the load with a message that names the valid keys or values: a typo in a YAML
+file should be caught when the model loads, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
+MAX_CHUNK_SECONDS = 180.0  # Qwen3-ForcedAligner's input limit; windows never exceed it.
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+_DTYPE_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+class OptionsError(ValueError):
+    """A `key:value` option is malformed, unknown or has a bad value."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Typed configuration from the model YAML's `options:` list; defaults are what users get with none."""
+
+    torch_dtype: str = "auto"
+    max_new_tokens: int = 1024
+    max_inference_batch_size: int = 8
+    attn_implementation: str = "sdpa"
+    device: str = "auto"
+    forced_aligner: str | None = DEFAULT_ALIGNER
+    aligner_dtype: str | None = None
+    preload_aligner: bool = False
+    aligner_idle_unload: float = 0.0
+    max_segment_seconds: float = 30.0
+    chunk_seconds: float = MAX_CHUNK_SECONDS
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+
+    @property
+    def timestamps_enabled(self) -> bool:
+        """False when the user set `forced_aligner:none`."""
+        return self.forced_aligner is not None
+
+
+def _parse_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"an integer >= {low}") from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
+        return value
+
+    return parse
+
+
+def _parse_float(low: float, high: float | None = None, *, open_low: bool = False) -> Callable[[str], float]:
+    bound = f"> {low:g}" if open_low else f">= {low:g}"
+    expected = f"a number {bound}" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        too_low = value <= low if open_low else value < low
+        if value != value or too_low or (high is not None and value > high):  # NaN fails too
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _parse_choice(choices: Iterable[str], aliases: dict[str, str] | None = None) -> Callable[[str], str]:
+    allowed = tuple(choices)
+
+    def parse(text: str) -> str:
+        value = text.lower()
+        value = (aliases or {}).get(value, value)
+        if value not in allowed:
+            raise ValueError("one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("true or false")
+
+
+def _parse_aligner(text: str) -> str | None:
+    return None if text.lower() in ("none", "off", "false", "disabled") else text
+
+
+def _parse_optional_dtype(text: str) -> str | None:
+    return _parse_choice(DTYPES, _DTYPE_ALIASES)(text)
+
+
+def _parse_device(text: str) -> str:
+    value = text.lower()
+    if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("auto, cpu, cuda, cuda:N or mps")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "torch_dtype": _parse_choice(DTYPES, _DTYPE_ALIASES),
+    "max_new_tokens": _parse_int(1, 32768),
+    "max_inference_batch_size": _parse_int(1, 256),
+    "attn_implementation": _parse_choice(ATTN_IMPLEMENTATIONS),
+    "device": _parse_device,
+    "forced_aligner": _parse_aligner,
+    "aligner_dtype": _parse_optional_dtype,
+    "preload_aligner": _parse_bool,
+    "aligner_idle_unload": _parse_float(0.0),
+    "max_segment_seconds": _parse_float(0.0, open_low=True),
+    "chunk_seconds": _parse_float(10.0, MAX_CHUNK_SECONDS),
+    "max_batch_size": _parse_int(1, 256),
+    "batch_window_ms": _parse_float(0.0, 10_000.0),
+}
+_ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}
+assert set(_PARSERS) == {f.name for f in fields(WorkerOptions)}
+
+
+def valid_keys() -> list[str]:
+    """The option keys this worker accepts, sorted."""
+    return sorted(_PARSERS)
+
+
+def split_option(item: str) -> tuple[str, str]:
+    """Split one `key:value` string at its first colon; both sides must be non-empty."""
+    if not isinstance(item, str) or ":" not in item:
+        raise OptionsError(f"option {item!r} is not of the form key:value; valid keys: {', '.join(valid_keys())}")
+    key, value = item.split(":", 1)
+    key, value = key.strip(), value.strip()
+    if not key:
+        raise OptionsError(f"option {item!r} has no key; write key:value with one of: {', '.join(valid_keys())}")
+    if not value:
+        raise OptionsError(f"option {item!r} has no value; write {key}:VALUE")
+    return key, value
+
+
+def parse_options(items: Iterable[str]) -> WorkerOptions:
+    """Parse `key:value` strings into `WorkerOptions`, rejecting unknown keys and bad values.
+
+    Raises:
+        OptionsError: with a message naming the offending option and the valid keys or values.
+    """
+    values: dict[str, Any] = {}
+    for item in items:
+        key, raw = split_option(item)
+        name = _ALIASES.get(key.lower(), key.lower())
+        parser = _PARSERS.get(name)
+        if parser is None:
+            raise OptionsError(f"unknown option {key!r}; valid keys: {', '.join(valid_keys())}")
+        if name in values:
+            raise OptionsError(f"option {key!r} is given twice; keep one")
+        try:
+            values[name] = parser(raw)
+        except ValueError as exc:
+            raise OptionsError(f"bad value {raw!r} for option {key!r}: expected {exc}") from None
+    return dataclasses.replace(WorkerOptions(), **values)

@@ -1,0 +1,230 @@
+"""The gRPC servicer: converts between LocalAI's proto messages and the engine's domain types.
+
+No model logic lives here. Each handler parses its request, calls the engine, and builds the reply; every
+exception is mapped to a status code in one place (`_status_for`), with the domain's message, so a client
+always learns what went wrong and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+import backend_pb2
+import backend_pb2_grpc
+
+from .audio import AudioError
+from .engine import Engine, Granularity, LoadSpec, State, Transcription, TranscriptionRequest
+from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady
+from .languages import LanguageError, resolve_language
+from .models import resolve_reference
+from .options import OptionsError, parse_options
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 16_384
+NS_PER_SECOND = 1_000_000_000
+_GRANULARITIES = {"word": Granularity.WORD, "segment": Granularity.SEGMENT}
+_STATES = {
+    State.UNINITIALIZED: backend_pb2.StatusResponse.UNINITIALIZED,
+    State.READY: backend_pb2.StatusResponse.READY,
+    State.BUSY: backend_pb2.StatusResponse.BUSY,
+    State.ERROR: backend_pb2.StatusResponse.ERROR,
+}
+
+T = TypeVar("T")
+
+
+def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidRequest | AudioError | LanguageError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotReady):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, ModelIdentityMismatch):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Cancelled):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return (grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED), str(exc)
+    log.exception("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc} (see the worker log)"
+
+
+def _abort(exc: Exception, context: grpc.ServicerContext) -> Any:
+    code, message = _status_for(exc, context)
+    if code is not grpc.StatusCode.INTERNAL:
+        log.info("%s: %s", code.name, message)
+    context.abort(code, message)
+
+
+def _unary(handler: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return handler(self, request, context)
+        except Exception as exc:
+            return _abort(exc, context)
+
+    return wrapper
+
+
+def _streaming(handler: Callable[..., Iterable[T]]) -> Callable[..., Iterator[T]]:
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from handler(self, request, context)
+        except Exception as exc:
+            _abort(exc, context)
+
+    return wrapper
+
+
+def parse_granularity(values: Iterable[str]) -> Granularity:
+    """`word` (with or without `segment`) → WORD; `segment` → SEGMENT; nothing → NONE."""
+    found = set()
+    for raw in values:
+        value = raw.strip().lower()
+        if value not in _GRANULARITIES:
+            raise InvalidRequest(f"unknown timestamp granularity {raw!r}; use 'word' and/or 'segment'")
+        found.add(_GRANULARITIES[value])
+    if Granularity.WORD in found:
+        return Granularity.WORD
+    return Granularity.SEGMENT if found else Granularity.NONE
+
+
+def to_request(request: backend_pb2.TranscriptRequest) -> TranscriptionRequest:
+    """Validate a proto request and turn it into the engine's request."""
+    if request.translate:
+        raise InvalidRequest("translation is not supported: Qwen3-ASR transcribes in the spoken language")
+    if request.diarize:
+        raise InvalidRequest("speaker diarization is not supported by this backend; send diarize=false")
+    if not request.dst:
+        raise InvalidRequest("no audio file given: dst is empty")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            f"prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted as context"
+        )
+    return TranscriptionRequest(
+        path=request.dst,
+        language=resolve_language(request.language),
+        context=request.prompt,
+        granularity=parse_granularity(request.timestamp_granularities),
+        model_identity=request.ModelIdentity,
+    )
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * NS_PER_SECOND)
+
+
+def to_result(result: Transcription) -> backend_pb2.TranscriptResult:
+    """Build the proto result; segment and word times in nanoseconds, words only for `word` granularity."""
+    with_words = result.granularity is Granularity.WORD
+    segments = [
+        backend_pb2.TranscriptSegment(
+            id=i,
+            start=_ns(seg.start),
+            end=_ns(seg.end),
+            text=seg.text,
+            words=[
+                backend_pb2.TranscriptWord(start=_ns(w.start), end=_ns(w.end), text=w.text)
+                for w in (seg.words if with_words else ())
+            ],
+        )
+        for i, seg in enumerate(result.segments)
+    ]
+    return backend_pb2.TranscriptResult(
+        segments=segments, text=result.text, language=result.language, duration=result.duration
+    )
+
+
+def to_load_spec(request: backend_pb2.ModelOptions) -> LoadSpec:
+    """Parse options and resolve the model reference (`ModelFile` when it exists, else `Model`)."""
+    items = list(request.Options)
+    if request.DType and not any(i.split(":", 1)[0].strip().lower() in ("torch_dtype", "dtype") for i in items):
+        items.append(f"torch_dtype:{request.DType}")
+    options = parse_options(items)
+    model_file = request.ModelFile
+    if model_file and os.path.exists(model_file):
+        reference = model_file
+    else:
+        reference = resolve_reference(request.Model, request.ModelPath, what="model")
+    return LoadSpec(
+        name=request.Model,
+        reference=reference,
+        model_path=request.ModelPath,
+        options=options,
+        cuda=request.CUDA,
+        threads=request.Threads,
+    )
+
+
+class BackendServicer(backend_pb2_grpc.BackendServicer):
+    """LocalAI's `backend.Backend` service on top of an `Engine`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def Health(self, request: backend_pb2.HealthMessage, context: grpc.ServicerContext) -> backend_pb2.Reply:
+        return backend_pb2.Reply(message=b"OK")
+
+    def LoadModel(self, request: backend_pb2.ModelOptions, context: grpc.ServicerContext) -> backend_pb2.Result:
+        try:
+            spec = to_load_spec(request)
+            model = self.engine.load(spec)
+        except (OptionsError, InvalidRequest) as exc:
+            log.warning("LoadModel rejected: %s", exc)
+            return backend_pb2.Result(success=False, message=str(exc))
+        except Exception as exc:
+            log.exception("LoadModel failed")
+            return backend_pb2.Result(success=False, message=f"failed to load model {request.Model!r}: {exc}")
+        aligner = "attached" if model.aligner_attached else "loads on the first timestamp request"
+        if not spec.options.timestamps_enabled:
+            aligner = "disabled"
+        return backend_pb2.Result(
+            success=True,
+            message=f"loaded {spec.reference} on {model.device} ({str(model.dtype).removeprefix('torch.')}); "
+            f"forced aligner {aligner}",
+        )
+
+    def Free(self, request: backend_pb2.HealthMessage, context: grpc.ServicerContext) -> backend_pb2.Result:
+        freed = self.engine.free()
+        return backend_pb2.Result(success=True, message="model unloaded" if freed else "no model was loaded")
+
+    def Status(
+        self, request: backend_pb2.HealthMessage, context: grpc.ServicerContext
+    ) -> backend_pb2.StatusResponse:
+        status = self.engine.status()
+        breakdown = {
+            "base_model_weights": status.base_bytes,
+            "aligner_weights": status.aligner_bytes,
+            "rss": status.rss_bytes,
+        }
+        if status.cuda_bytes:
+            breakdown["cuda_allocated"] = status.cuda_bytes
+        return backend_pb2.StatusResponse(
+            state=_STATES[status.state],
+            memory=backend_pb2.MemoryUsageData(total=status.rss_bytes, breakdown=breakdown),
+        )
+
+    @_unary
+    def AudioTranscription(
+        self, request: backend_pb2.TranscriptRequest, context: grpc.ServicerContext
+    ) -> backend_pb2.TranscriptResult:
+        result = self.engine.transcribe(to_request(request), cancelled=lambda: not context.is_active())
+        return to_result(result)
+
+    @_streaming
+    def AudioTranscriptionStream(
+        self, request: backend_pb2.TranscriptRequest, context: grpc.ServicerContext
+    ) -> Iterator[backend_pb2.TranscriptStreamResponse]:
+        for event in self.engine.stream(to_request(request), cancelled=lambda: not context.is_active()):
+            if isinstance(event, Transcription):
+                yield backend_pb2.TranscriptStreamResponse(final_result=to_result(event))
+            else:
+                yield backend_pb2.TranscriptStreamResponse(delta=event)
