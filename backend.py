@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from qwen_asr_worker import parent_watch
 from qwen_asr_worker.server import create_server
 
 GRACE_SECONDS = 10.0
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    parent_watch.start(lambda: stop(signal.SIGTERM, None))
     server.wait_for_termination()
     return 0
 

@@ -56,13 +56,15 @@ class WorkerOptions:
 
 
 def _parse_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise ValueError(f"an integer >= {low}") from None
+            raise ValueError(expected) from None
         if value < low or (high is not None and value > high):
-            raise ValueError(f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
+            raise ValueError(expected)
         return value
 
     return parse
@@ -149,11 +151,15 @@ def valid_keys() -> list[str]:
 def split_option(item: str) -> tuple[str, str]:
     """Split one `key:value` string at its first colon; both sides must be non-empty."""
     if not isinstance(item, str) or ":" not in item:
-        raise OptionsError(f"option {item!r} is not of the form key:value; valid keys: {', '.join(valid_keys())}")
+        raise OptionsError(
+            f"option {item!r} is not of the form key:value; valid keys: {', '.join(valid_keys())}"
+        )
     key, value = item.split(":", 1)
     key, value = key.strip(), value.strip()
     if not key:
-        raise OptionsError(f"option {item!r} has no key; write key:value with one of: {', '.join(valid_keys())}")
+        raise OptionsError(
+            f"option {item!r} has no key; write key:value with one of: {', '.join(valid_keys())}"
+        )
     if not value:
         raise OptionsError(f"option {item!r} has no value; write {key}:VALUE")
     return key, value

@@ -10,6 +10,7 @@ import grpc
 
 import backend_pb2_grpc
 
+from .auth import BearerTokenInterceptor, token_from_env
 from .engine import Engine
 from .servicer import BackendServicer
 
@@ -35,13 +36,15 @@ def max_workers_from_env() -> int:
 
 
 def create_server(
-    address: str, engine: Engine | None = None, *, max_workers: int | None = None
+    address: str, engine: Engine | None = None, *, max_workers: int | None = None, token: str | None = None
 ) -> tuple[grpc.Server, int, BackendServicer]:
     """Create and start a server on `address` (port 0 picks a free one).
 
+    `token` (default: `LOCALAI_GRPC_AUTH_TOKEN`) turns on bearer-token auth for every rpc.
     Returns the server, the bound port and the servicer (whose `engine` tests can inspect).
     """
     workers = max_workers or max_workers_from_env()
+    token = token_from_env() if token is None else token
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[
@@ -49,6 +52,7 @@ def create_server(
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ],
         maximum_concurrent_rpcs=workers * 4,
+        interceptors=[BearerTokenInterceptor(token)] if token else [],
     )
     servicer = BackendServicer(engine or Engine())
     backend_pb2_grpc.add_BackendServicer_to_server(servicer, server)
@@ -56,5 +60,5 @@ def create_server(
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     server.start()
-    log.info("serving on %s (port %d, %d worker threads)", address, port, workers)
+    log.info("serving on %s (port %d, %d worker threads, auth %s)", address, port, workers, "on" if token else "off")
     return server, port, servicer

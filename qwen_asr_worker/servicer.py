@@ -196,9 +196,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         freed = self.engine.free()
         return backend_pb2.Result(success=True, message="model unloaded" if freed else "no model was loaded")
 
-    def Status(
-        self, request: backend_pb2.HealthMessage, context: grpc.ServicerContext
-    ) -> backend_pb2.StatusResponse:
+    def Status(self, request: backend_pb2.HealthMessage, context: grpc.ServicerContext) -> backend_pb2.StatusResponse:
         status = self.engine.status()
         breakdown = {
             "base_model_weights": status.base_bytes,

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""A small command-line client for the worker, showing what LocalAI would show a user.
+
+python client.py load /models/Qwen3-ASR-0.6B --option forced_aligner:Qwen/Qwen3-ForcedAligner-0.6B
+python client.py transcribe talk.m4a --timestamps word --format srt
+python client.py transcribe talk.m4a --stream
+python client.py status
+python client.py free
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import grpc
+
+import backend_pb2
+import backend_pb2_grpc
+from qwen_asr_worker.formats import render
+
+
+def _metadata() -> list[tuple[str, str]]:
+    token = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _stub(addr: str) -> backend_pb2_grpc.BackendStub:
+    channel = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)])
+    return backend_pb2_grpc.BackendStub(channel)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """LoadModel with optional `--option key:value` items."""
+    reply = _stub(args.addr).LoadModel(
+        backend_pb2.ModelOptions(Model=args.model, ModelPath=args.model_path, Options=args.option or []),
+        metadata=_metadata(),
+    )
+    print(reply.message)
+    return 0 if reply.success else 1
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """AudioTranscription (or the stream) for one file; prints the chosen format."""
+    request = backend_pb2.TranscriptRequest(
+        dst=os.path.abspath(args.file),
+        language=args.language,
+        prompt=args.prompt,
+        timestamp_granularities=[args.timestamps] if args.timestamps else [],
+        stream=args.stream,
+    )
+    stub = _stub(args.addr)
+    if not args.stream:
+        result = stub.AudioTranscription(request, metadata=_metadata(), timeout=args.timeout)
+        sys.stdout.write(render(result, args.format))
+        return 0
+    final = None
+    for message in stub.AudioTranscriptionStream(request, metadata=_metadata(), timeout=args.timeout):
+        if message.HasField("final_result"):
+            final = message.final_result
+        else:
+            sys.stdout.write(message.delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if final is not None and args.format != "text":
+        sys.stdout.write(render(final, args.format))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Status: state and memory breakdown as JSON."""
+    reply = _stub(args.addr).Status(backend_pb2.HealthMessage(), metadata=_metadata())
+    state = backend_pb2.StatusResponse.State.Name(reply.state)
+    print(json.dumps({"state": state, "total": reply.memory.total, **dict(reply.memory.breakdown)}, indent=2))
+    return 0
+
+
+def cmd_free(args: argparse.Namespace) -> int:
+    """Free: unload every model."""
+    print(_stub(args.addr).Free(backend_pb2.HealthMessage(), metadata=_metadata()).message)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--addr", default="127.0.0.1:50051")
+    sub = parser.add_subparsers(dest="command", required=True)
+    load = sub.add_parser("load", help="load a model")
+    load.add_argument("model")
+    load.add_argument("--model-path", default="")
+    load.add_argument("--option", action="append", metavar="KEY:VALUE")
+    load.set_defaults(func=cmd_load)
+    tr = sub.add_parser("transcribe", help="transcribe a file")
+    tr.add_argument("file")
+    tr.add_argument("--language", default="")
+    tr.add_argument("--prompt", default="")
+    tr.add_argument("--timestamps", choices=["word", "segment"])
+    tr.add_argument("--format", choices=["json", "srt", "vtt", "text"], default="json")
+    tr.add_argument("--stream", action="store_true", help="print text deltas as windows finish")
+    tr.add_argument("--timeout", type=float, default=None)
+    tr.set_defaults(func=cmd_transcribe)
+    sub.add_parser("status", help="state and memory").set_defaults(func=cmd_status)
+    sub.add_parser("free", help="unload models").set_defaults(func=cmd_free)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; gRPC errors print their status and message."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

