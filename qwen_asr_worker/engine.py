@@ -268,8 +268,7 @@ class Engine:
             try:
                 model = self._build(spec)
             except Exception as exc:
-                with self._lock:
-                    self._error = str(exc)
+                self.record_load_failure(str(exc))
                 raise
             with self._lock:
                 old, self._current = self._current, model
@@ -278,6 +277,11 @@ class Engine:
                 if old is not None:
                     self._retire(old)
             return model
+
+    def record_load_failure(self, message: str) -> None:
+        """Remember a failed LoadModel for `Status` (ERROR while no model is loaded)."""
+        with self._lock:
+            self._error = message
 
     def _build(self, spec: LoadSpec) -> LoadedModel:
         opts = spec.options

@@ -176,8 +176,13 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     def LoadModel(self, request: backend_pb2.ModelOptions, context: grpc.ServicerContext) -> backend_pb2.Result:
         try:
             spec = to_load_spec(request)
-            model = self.engine.load(spec)
         except (OptionsError, InvalidRequest) as exc:
+            log.warning("LoadModel rejected: %s", exc)
+            self.engine.record_load_failure(str(exc))
+            return backend_pb2.Result(success=False, message=str(exc))
+        try:
+            model = self.engine.load(spec)
+        except InvalidRequest as exc:
             log.warning("LoadModel rejected: %s", exc)
             return backend_pb2.Result(success=False, message=str(exc))
         except Exception as exc:
