@@ -146,7 +146,8 @@ def test_python_client_flow(worker: Worker, assets: dict[str, Path]) -> None:
         result = worker.stub.AudioTranscription(backend_pb2.TranscriptRequest(dst=str(assets[name])), timeout=60)
         assert result.text == SENTENCE, name
         assert result.language == "en"
-        assert result.duration == pytest.approx(2.0, abs=0.06), name
+        # AAC and Opus encoders add up to one codec frame of priming/padding (64 ms at 16 kHz).
+        assert result.duration == pytest.approx(2.0, abs=0.07), name
 
 
 @pytest.mark.parametrize(

@@ -73,8 +73,19 @@ def _read_pyav(file: Path) -> tuple[np.ndarray, int] | None:
         except (av.error.FFmpegError, ValueError):
             if not chunks:  # a truncated file: keep what decoded, fail only if nothing did
                 return None
+        declared = _declared_samples(stream, rate)
     samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    if declared and len(samples) > declared:  # codec padding past the container's stated duration
+        samples = samples[:declared]
     return samples, int(rate)
+
+
+def _declared_samples(stream: object, rate: int) -> int:
+    """The stream's duration in samples as the container states it, or 0 when unknown."""
+    duration, time_base = getattr(stream, "duration", None), getattr(stream, "time_base", None)
+    if not duration or not time_base:
+        return 0
+    return int(round(duration * time_base * rate))
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:
