@@ -85,7 +85,7 @@ def _declared_samples(stream: object, rate: int) -> int:
     duration, time_base = getattr(stream, "duration", None), getattr(stream, "time_base", None)
     if not duration or not time_base:
         return 0
-    return int(round(duration * time_base * rate))
+    return round(duration * time_base * rate)
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:

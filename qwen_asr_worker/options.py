@@ -151,15 +151,11 @@ def valid_keys() -> list[str]:
 def split_option(item: str) -> tuple[str, str]:
     """Split one `key:value` string at its first colon; both sides must be non-empty."""
     if not isinstance(item, str) or ":" not in item:
-        raise OptionsError(
-            f"option {item!r} is not of the form key:value; valid keys: {', '.join(valid_keys())}"
-        )
+        raise OptionsError(f"option {item!r} is not of the form key:value; valid keys: {', '.join(valid_keys())}")
     key, value = item.split(":", 1)
     key, value = key.strip(), value.strip()
     if not key:
-        raise OptionsError(
-            f"option {item!r} has no key; write key:value with one of: {', '.join(valid_keys())}"
-        )
+        raise OptionsError(f"option {item!r} has no key; write key:value with one of: {', '.join(valid_keys())}")
     if not value:
         raise OptionsError(f"option {item!r} has no value; write {key}:VALUE")
     return key, value

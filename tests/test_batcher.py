@@ -34,10 +34,7 @@ class Recorder:
 
 
 def _submit_together(batcher: AsrBatcher, n: int) -> list:
-    return [
-        batcher.submit(np.zeros(100 + i, np.float32), f"ctx{i}", "German" if i % 2 else None)
-        for i in range(n)
-    ]
+    return [batcher.submit(np.zeros(100 + i, np.float32), f"ctx{i}", "German" if i % 2 else None) for i in range(n)]
 
 
 def test_jobs_arriving_together_share_a_batch() -> None:
