@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class AsrBatcher:
         self._window = window_s
         self._queue: queue.Queue[AsrJob | object] = queue.Queue()
         self._closed = False
+        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran (tests, bench)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -93,6 +95,7 @@ class AsrBatcher:
                 self._run(batch)
 
     def _run(self, batch: list[AsrJob]) -> None:
+        self.batch_sizes[len(batch)] += 1
         try:
             results = self._run_batch(batch)
         except Exception as exc:

@@ -122,6 +122,7 @@ class LoadedModel:
         self.device = device
         self.dtype = dtype
         self.aligner_loads = 0
+        self.windows_transcribed = 0
         self.users = 0
         self.retired = False
         self._aligner_lock = threading.Lock()
@@ -143,6 +144,7 @@ class LoadedModel:
         asr = self.asr
         if asr is None:
             raise NotReady("the model was unloaded while this request waited; call LoadModel again")
+        self.windows_transcribed += len(jobs)
         results = asr.transcribe(
             audio=[(job.samples, SAMPLE_RATE) for job in jobs],
             context=[job.context for job in jobs],
@@ -409,7 +411,7 @@ class _Run:
                 futures = [self._submit(samples, w) for w in group]
                 if self.want_timestamps and aligner is None:
                     aligner = self.model.acquire_aligner()  # loads while the batcher runs the ASR
-                results = [self._wait(f) for f in futures]
+                results = self._wait_all(futures)
                 for language, piece in results:
                     languages.append(language)
                     delta = _joiner(text, piece) + piece if piece else ""
@@ -442,14 +444,20 @@ class _Run:
         if self.cancelled():
             raise Cancelled("the client cancelled the request or its deadline passed")
 
-    def _wait(self, future: Future[tuple[str, str]]) -> tuple[str, str]:
-        while True:
-            try:
-                return future.result(timeout=_POLL_S)
-            except FutureTimeout:
-                if self.cancelled():
-                    future.cancel()
-                    raise Cancelled("the client cancelled the request or its deadline passed") from None
+    def _wait_all(self, futures: list[Future[tuple[str, str]]]) -> list[tuple[str, str]]:
+        """Wait for a group's windows in order, polling for cancellation; a cancel drops the queued ones."""
+        results = []
+        for future in futures:
+            while True:
+                try:
+                    results.append(future.result(timeout=_POLL_S))
+                    break
+                except FutureTimeout:
+                    if self.cancelled():
+                        for pending in futures:
+                            pending.cancel()
+                        raise Cancelled("the client cancelled the request or its deadline passed") from None
+        return results
 
     def _align(
         self,
