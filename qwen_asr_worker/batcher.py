@@ -41,13 +41,19 @@ class AsrBatcher:
     """A queue and one worker thread that runs queued `AsrJob`s in batches through `run_batch`.
 
     `run_batch` returns one `(language, text)` per job, in order. If a batched call fails, each job of that
-    batch is retried alone, so one job the model chokes on fails only its own request.
+    batch is retried alone, so one job the model chokes on fails only its own request. `max_batch_samples`
+    caps the audio in one batch, so a long file's full-length windows run one after another (activation
+    memory bounded by one window) while short concurrent clips still share a call.
     """
 
-    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, window_s: float, name: str) -> None:
+    def __init__(
+        self, run_batch: RunBatch, *, max_batch_size: int, window_s: float, name: str, max_batch_samples: int = 0
+    ) -> None:
         self._run_batch = run_batch
         self._max = max_batch_size
         self._window = window_s
+        self._budget = max_batch_samples  # 0 = no limit on the audio in one batch
+        self._carry: AsrJob | None = None  # a job that did not fit the last batch's budget goes first next time
         self._queue: queue.Queue[AsrJob | object] = queue.Queue()
         self._closed = False
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran (tests, bench)
@@ -69,6 +75,7 @@ class AsrBatcher:
 
     def _gather(self, first: AsrJob) -> tuple[list[AsrJob], bool]:
         batch = [first]
+        samples = len(first.samples)
         deadline = time.monotonic() + self._window
         while len(batch) < self._max:
             remaining = deadline - time.monotonic()
@@ -79,13 +86,20 @@ class AsrBatcher:
             if item is _STOP:
                 return batch, True
             assert isinstance(item, AsrJob)
+            if self._budget and samples + len(item.samples) > self._budget:
+                self._carry = item  # activation memory grows with the audio in a batch: keep it bounded
+                break
             batch.append(item)
+            samples += len(item.samples)
         return batch, False
 
     def _loop(self) -> None:
         stop = False
         while not stop:
-            item = self._queue.get()
+            if self._carry is not None:
+                item, self._carry = self._carry, None
+            else:
+                item = self._queue.get()
             if item is _STOP:
                 break
             assert isinstance(item, AsrJob)

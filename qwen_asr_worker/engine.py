@@ -135,6 +135,7 @@ class LoadedModel:
             max_batch_size=opts.max_batch_size,
             window_s=opts.batch_window_ms / 1000.0,
             name=f"asr-batcher-{spec.name or 'model'}",
+            max_batch_samples=int(opts.max_batch_seconds * SAMPLE_RATE),
         )
         if opts.aligner_idle_unload > 0:
             threading.Thread(target=self._idle_watch, name="aligner-idle", daemon=True).start()

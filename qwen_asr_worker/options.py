@@ -47,6 +47,7 @@ class WorkerOptions:
     max_segment_seconds: float = 30.0
     chunk_seconds: float = MAX_CHUNK_SECONDS
     max_batch_size: int = 8
+    max_batch_seconds: float = MAX_CHUNK_SECONDS
     batch_window_ms: float = 10.0
 
     @property
@@ -137,6 +138,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_segment_seconds": _parse_float(0.0, open_low=True),
     "chunk_seconds": _parse_float(10.0, MAX_CHUNK_SECONDS),
     "max_batch_size": _parse_int(1, 256),
+    "max_batch_seconds": _parse_float(10.0),
     "batch_window_ms": _parse_float(0.0, 10_000.0),
 }
 _ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}

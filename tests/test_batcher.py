@@ -101,3 +101,15 @@ def test_close_drains_queue_and_rejects_new_jobs() -> None:
     assert [f.result(timeout=5)[1] for f in futures] == [f"ctx{i}:{100 + i}" for i in range(4)]
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(np.zeros(1, np.float32), "late", None)
+
+
+def test_audio_budget_keeps_long_windows_apart() -> None:
+    rec = Recorder(delay=0.05)
+    batcher = AsrBatcher(rec, max_batch_size=8, window_s=0.2, name="t", max_batch_samples=1000)
+    long_jobs = [batcher.submit(np.zeros(900, np.float32), f"long{i}", None) for i in range(3)]
+    short_jobs = [batcher.submit(np.zeros(100, np.float32), f"short{i}", None) for i in range(4)]
+    assert [f.result(timeout=5)[1] for f in long_jobs] == ["long0:900", "long1:900", "long2:900"]
+    assert [f.result(timeout=5)[1] for f in short_jobs] == [f"short{i}:100" for i in range(4)]
+    assert rec.batches[:2] == [1, 1]  # each 900-sample job alone: two never fit in 1000
+    assert sum(rec.batches) == 7
+    batcher.close()
