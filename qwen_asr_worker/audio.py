@@ -56,7 +56,7 @@ def _read_pyav(file: Path) -> tuple[np.ndarray, int] | None:
         return None
     with container:
         if not container.streams.audio:
-            raise AudioError(f"{file} has no audio stream (is it a video or image file without sound?)")
+            raise AudioError(f"{file} has no audio stream: it is not an audio file, or a video without sound")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate or stream.rate
         if not rate:
