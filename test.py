@@ -296,3 +296,34 @@ def test_generated_audio_is_what_we_think(assets: dict[str, Path]) -> None:
     samples = load_audio(str(assets["44k-stereo"]))
     assert samples.dtype == np.float32 and samples.ndim == 1
     assert len(samples) == pytest.approx(32000, abs=200)
+
+
+def test_client_generated_from_localai_proto(worker: Worker, assets: dict[str, Path]) -> None:
+    out = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            str(ROOT / "tests" / "compat" / "localai_client.py"),
+            worker.addr,
+            str(assets["asr"]),
+            str(assets["aligner"]),
+            str(assets["wav"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "health": "OK",
+        "loaded": True,
+        "text": SENTENCE,
+        "language": "en",
+        "words": ["Hello", "world", "This", "is", "a", "test"],
+        "stream_text": SENTENCE,
+        "stream_final": SENTENCE,
+        "status": "READY",
+        "aligner_bytes": seen["aligner_bytes"],
+        "freed": True,
+    }
+    assert seen["aligner_bytes"] > 0
