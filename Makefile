@@ -22,7 +22,8 @@ install: $(STAMP) $(STUBS)
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	# torch alone from its index (no deps: those come from PyPI with the rest, without asking that index again)
+	$(PY) -m pip install --quiet --no-deps "$(TORCH_PIN)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
