@@ -89,3 +89,14 @@ def test_aligner_follows_base_dtype_unless_told(harness: Harness, checkpoints: d
         checkpoints["asr"], "torch_dtype:bf16", aligner, "preload_aligner:true", "aligner_dtype:fp32"
     ).success
     assert harness.engine.current.asr.forced_aligner.model.dtype is torch.float32
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 16), ("4", 4), ("0", 1), ("many", 16)])
+def test_grpc_pool_size_from_env(monkeypatch: pytest.MonkeyPatch, value: str | None, expected: int) -> None:
+    from qwen_asr_worker.server import max_workers_from_env
+
+    if value is None:
+        monkeypatch.delenv("PYTHON_GRPC_MAX_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("PYTHON_GRPC_MAX_WORKERS", value)
+    assert max_workers_from_env() == expected
