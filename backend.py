@@ -11,7 +11,6 @@ import sys
 import threading
 
 from qwen_asr_worker import parent_watch
-from qwen_asr_worker.server import create_server
 
 GRACE_SECONDS = 10.0
 
@@ -26,12 +25,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; requests in flight get a grace period, then exit 0."""
+    # Read before the seconds-long torch import: a spawner that dies meanwhile is already replaced by init later.
+    parent = os.getppid()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    log = logging.getLogger("backend")
+    log.info("starting: pid %d, parent pid %d, address %s", os.getpid(), parent, args.addr)
+    from qwen_asr_worker.server import create_server  # imports torch and qwen-asr: the slow part of startup
+
     server, _port, _servicer = create_server(args.addr)
     stopping = threading.Event()
 
@@ -39,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         if stopping.is_set():
             return
         stopping.set()
-        logging.getLogger("backend").info("signal %d: stopping (grace %.0f s)", signum, GRACE_SECONDS)
+        log.info("signal %d: stopping (grace %.0f s)", signum, GRACE_SECONDS)
         server.stop(GRACE_SECONDS)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    parent_watch.start(lambda: stop(signal.SIGTERM, None))
+    parent_watch.start(lambda: stop(signal.SIGTERM, None), parent=parent)
     server.wait_for_termination()
     return 0
 

@@ -19,6 +19,10 @@ def token_from_env() -> str:
     return os.environ.get(TOKEN_ENV, "").strip()
 
 
+def _unparsed(data: bytes) -> bytes:
+    return data  # not None: gRPC takes a None request for a parse failure
+
+
 def _deny(request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
 
@@ -43,8 +47,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
+        # The payload of a denied call is never parsed: no work for an unauthenticated client, and a malformed
+        # body cannot turn UNAUTHENTICATED into a parse error.
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _deny, handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.unary_unary_rpc_method_handler(_deny, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(_deny, _unparsed, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(_deny, _unparsed, handler.response_serializer)

@@ -1,9 +1,16 @@
 """One window policy for long audio, with and without timestamps.
 
-qwen-asr cuts audio into 1200-s windows without timestamps and 180-s windows with them (the aligner's limit),
-so turning timestamps on changes the transcript, and quality drops on very long windows. We cut every file the
-same way: windows of at most `max_seconds` (never above the aligner's 180 s), each cut placed at the quietest
-moment in the last `search_seconds` before the limit, so words are not split when a pause exists nearby.
+qwen-asr cuts audio into 1200-s windows without timestamps and 180-s windows with them (the aligner's limit), so
+turning timestamps on would change the transcript, and quality drops on very long windows. We cut every file the
+same way: windows of at most `max_seconds` (never above the aligner's 180 s), each cut placed in the quietest
+stretch of the last `search_seconds` before the limit, so that words are not split when a pause exists nearby.
+
+Quietness is the short-time energy of `frame_ms` frames, averaged over 100 ms of neighbouring frames so that a
+real pause beats a single quiet frame inside a word (a stop consonant's closure). Among equally quiet frames (digital
+silence) the longest run wins, and the cut goes to its middle, away from the speech on either side.
+
+The last window keeps whatever remains, but never less than `_MIN_LAST_SECONDS` when the search range allows:
+a sliver of a few milliseconds after the final cut would be transcribed (and aligned) on its own for nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio import SAMPLE_RATE
+
+_SMOOTH_MS = 100.0  # frame energies are averaged over 100 ms: shorter dips are not pauses
+_MIN_LAST_SECONDS = 1.0
+_TIE_TOLERANCE = 1e-3  # energies within 0.1 % of the minimum count as equally quiet
 
 
 @dataclass(frozen=True)
@@ -33,13 +44,6 @@ class Window:
         return (self.end - self.start) / SAMPLE_RATE
 
 
-def _frame_energy(samples: np.ndarray, frame: int) -> np.ndarray:
-    """Mean square per frame (the tail shorter than a frame is dropped: it is never a cut candidate)."""
-    usable = len(samples) // frame * frame
-    frames = samples[:usable].reshape(-1, frame)
-    return np.einsum("ij,ij->i", frames, frames) / frame
-
-
 def plan_windows(
     samples: np.ndarray,
     *,
@@ -48,34 +52,71 @@ def plan_windows(
     sample_rate: int = SAMPLE_RATE,
     frame_ms: float = 25.0,
 ) -> list[Window]:
-    """Tile the audio with windows of at most `max_seconds`, cut at the quietest frame near each limit.
+    """Tile the audio with windows of at most `max_seconds`, each cut at the quietest point near its limit.
 
-    The windows cover every sample exactly once, in order. Each cut lies in the middle of the lowest-energy frame
-    within `[limit - search_seconds, limit]`, where `limit` is where the window would reach `max_seconds`;
-    among equally quiet frames the latest wins, so windows stay long.
+    The windows cover every sample exactly once, in order: the first starts at 0, the last ends at
+    `len(samples)`, each ends where the next starts. Audio of at most `max_seconds` is one window (empty audio
+    gives the single empty window `Window(0, 0)`). Each cut lies within `[limit - search_seconds, limit]`, where
+    `limit` is where the window would reach `max_seconds`.
+
+    Raises:
+        ValueError: unless `max_seconds > search_seconds > 0`, `frame_ms > 0` and `sample_rate > 0`.
     """
     if not 0 < search_seconds < max_seconds:
         raise ValueError(f"need 0 < search_seconds < max_seconds, got {search_seconds} and {max_seconds}")
+    if not (frame_ms > 0 and sample_rate > 0):
+        raise ValueError(f"need frame_ms > 0 and sample_rate > 0, got {frame_ms} and {sample_rate}")
     total = len(samples)
-    max_len = int(max_seconds * sample_rate)
+    max_len = max(1, int(max_seconds * sample_rate))
     if total <= max_len:
         return [Window(0, total)]
-    frame = max(1, int(frame_ms * sample_rate / 1000))
-    energy = _frame_energy(np.asarray(samples, dtype=np.float32), frame)
+    frame = max(1, round(frame_ms * sample_rate / 1000))
+    quietness = _smooth(_frame_energy(samples, frame), max(1, round(_SMOOTH_MS / frame_ms)))
     search = int(search_seconds * sample_rate)
+    min_last = int(_MIN_LAST_SECONDS * sample_rate)
     windows: list[Window] = []
     start = 0
     while total - start > max_len:
         limit = start + max_len
-        first = -(-(limit - search) // frame)  # frames lying wholly inside [limit - search, limit]
-        last = limit // frame - 1
-        if last >= first:
-            candidates = energy[first : last + 1]
-            quietest = first + len(candidates) - 1 - int(np.argmin(candidates[::-1]))
-            cut = quietest * frame + frame // 2
-        else:
-            cut = limit
-        windows.append(Window(start, cut))
-        start = cut
+        low = limit - search
+        # Leave the last window at least min_last samples when the search range reaches that far back.
+        high = min(limit, total - min_last) if total - min_last > low else limit
+        cut = _quietest_point(quietness, frame, low, high)
+        windows.append(Window(start, cut if cut > start else limit))
+        start = windows[-1].end
     windows.append(Window(start, total))
     return windows
+
+
+def _frame_energy(samples: np.ndarray, frame: int) -> np.ndarray:
+    """Mean square per frame, in one vectorised pass (the tail shorter than a frame is never a cut candidate).
+    NaN counts as infinitely loud, so it is never chosen and never breaks the search."""
+    usable = len(samples) // frame * frame
+    frames = np.asarray(samples[:usable], dtype=np.float32).reshape(-1, frame)
+    energy = np.einsum("ij,ij->i", frames, frames).astype(np.float64) / frame
+    return np.nan_to_num(energy, nan=np.inf, posinf=np.inf)
+
+
+def _smooth(energy: np.ndarray, width: int) -> np.ndarray:
+    """Moving average over `width` frames. A convolution, not a cumulative sum: digital silence stays exactly 0."""
+    if width <= 1 or len(energy) < width:
+        return energy
+    return np.convolve(energy, np.full(width, 1.0 / width), mode="same")
+
+
+def _quietest_point(quietness: np.ndarray, frame: int, low: int, high: int) -> int:
+    """A sample index in `[low, high]` in the middle of the quietest run of frames lying wholly inside it, or
+    `high` when no frame fits."""
+    first = max(0, -(-low // frame))
+    last = min(len(quietness), high // frame)  # exclusive
+    if last <= first:
+        return high
+    candidates = quietness[first:last]
+    floor = float(candidates.min())
+    quiet = candidates <= floor + max(abs(floor) * _TIE_TOLERANCE, 1e-12)
+    # Runs of quiet frames: starts where quiet begins, ends (exclusive) where it stops.
+    edges = np.diff(np.concatenate(([0], quiet.view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    lengths = ends - starts
+    best = len(lengths) - 1 - int(np.argmax(lengths[::-1]))  # the longest run; the latest among equals
+    return int((first + starts[best]) * frame + (ends[best] - starts[best]) * frame // 2)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 
+import backend_pb2
 import backend_pb2_grpc
 
 from .auth import BearerTokenInterceptor, token_from_env
@@ -35,6 +38,54 @@ def max_workers_from_env() -> int:
     return max(1, value)
 
 
+class _Malformed:
+    """Stands in for a request whose bytes do not parse as its message (only a hand-built client sends one)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """Answers a request that does not parse (e.g. a string field that is not UTF-8) with the parser's reason
+    instead of gRPC's bare INTERNAL "Exception deserializing request!": LoadModel with `success: false`, as it
+    reports every failure, the other rpcs with INVALID_ARGUMENT."""
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:
+                return _Malformed(f"the {method} request does not parse: {exc}")
+
+        if handler.unary_stream:
+            stream = handler.unary_stream
+
+            def checked_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if isinstance(request, _Malformed):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+                yield from stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(checked_stream, lenient, handler.response_serializer)
+        unary = handler.unary_unary
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                log.warning("%s", request.error)
+                if method.endswith("/LoadModel"):
+                    return backend_pb2.Result(success=False, message=request.error)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            return unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(checked, lenient, handler.response_serializer)
+
+
 def create_server(
     address: str, engine: Engine | None = None, *, max_workers: int | None = None, token: str | None = None
 ) -> tuple[grpc.Server, int, BackendServicer]:
@@ -52,7 +103,8 @@ def create_server(
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ],
         maximum_concurrent_rpcs=workers * 4,
-        interceptors=[BearerTokenInterceptor(token)] if token else [],
+        # Auth first: a denied call is answered before anything parses its payload.
+        interceptors=[*([BearerTokenInterceptor(token)] if token else []), MalformedRequestInterceptor()],
     )
     servicer = BackendServicer(engine or Engine())
     backend_pb2_grpc.add_BackendServicer_to_server(servicer, server)
