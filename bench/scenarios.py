@@ -1,0 +1,600 @@
+"""One benchmark scenario per process: `python -m bench.scenarios NAME 'JSON PARAMS'` prints one JSON result.
+
+Why a process per scenario: resident memory can only be compared between processes that start equal. Weights
+loaded as bfloat16 are memory-mapped from the safetensors file and become resident only as pages are touched,
+and `ru_maxrss` is a lifetime high-water mark, so every figure is taken in a fresh process after a warm-up
+request, with an RSS sampler thread (every 20 ms) around the phase whose peak matters.
+
+"ours" is the worker as LocalAI runs it: `Engine` behind `create_server` (an in-process gRPC server on port 0)
+and a gRPC client. The alternatives are emulated with the same library calls the worker makes:
+
+* base:   `Qwen3ASRModel.from_pretrained(asr)`, no aligner (the floor for a plain request);
+* eager:  `Qwen3ASRModel.from_pretrained(asr, forced_aligner=aligner)` at load;
+* reload: base at load; on the first timestamp request, a second full `from_pretrained(asr, forced_aligner=...)`,
+  then the first is dropped.
+
+Timings also record how much CPU other processes used meanwhile (`other_cpu_s`): the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import fixtures
+from bench.fixtures import PeakSampler, Stopwatch, rss_bytes, rss_detail
+
+Params = dict[str, Any]
+Result = dict[str, Any]
+
+
+# --- process-wide setup -------------------------------------------------------------------------------------
+def _setup(params: Params) -> None:
+    import torch
+
+    torch.set_num_threads(int(params["threads"]))
+    if _cuda(params) and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but CUDA is not available in the scenario process")
+
+
+def _cuda(params: Params) -> bool:
+    return str(params.get("device", "cpu")).startswith("cuda")
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    from qwen_asr_worker import runtime
+
+    dtype, _ = runtime.pick_dtype(name, "cuda:0" if device.startswith("cuda") else device)
+    return dtype
+
+
+def _gpu_reset(params: Params) -> None:
+    if _cuda(params):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_figures(params: Params) -> dict[str, int]:
+    if not _cuda(params):
+        return {}
+    import torch
+
+    torch.cuda.synchronize()
+    return {"gpu_allocated": torch.cuda.memory_allocated(), "gpu_peak": torch.cuda.max_memory_allocated()}
+
+
+# --- CPU accounting (the machine may be shared) --------------------------------------------------------------
+def _system_busy_s() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class CpuWatch:
+    """CPU seconds this process and all other processes used during a phase."""
+
+    def __enter__(self) -> CpuWatch:
+        self._sys, self._own = _system_busy_s(), _own_cpu_s()
+        self.own_s = self.other_s = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.own_s = _own_cpu_s() - self._own
+        self.other_s = max(0.0, (_system_busy_s() - self._sys) - self.own_s)
+
+
+@contextmanager
+def timed_phase(into: Result, key: str) -> Iterator[None]:
+    """Record `{key}_s` (wall) and `{key}_other_cpu_s` (CPU used by other processes meanwhile) into `into`."""
+    with CpuWatch() as cpu, Stopwatch() as watch:
+        yield
+    into[f"{key}_s"] = watch.seconds
+    into[f"{key}_other_cpu_s"] = round(cpu.other_s, 2)
+
+
+# --- the worker over gRPC -----------------------------------------------------------------------------------
+class Worker:
+    """The worker in-process: `create_server` on port 0, and a gRPC stub talking to it."""
+
+    def __init__(self) -> None:
+        import grpc
+
+        import backend_pb2_grpc
+        from qwen_asr_worker.server import create_server
+
+        self.server, port, self.servicer = create_server("127.0.0.1:0", max_workers=32, token="")
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+        )
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.stub = backend_pb2_grpc.BackendStub(self.channel)
+
+    @property
+    def engine(self) -> Any:
+        """The worker's `Engine`."""
+        return self.servicer.engine
+
+    def load(self, params: Params, *extra: str, dtype: str | None = None, asr: str | None = None) -> str:
+        """LoadModel with the bench's options; returns the worker's message. Raises on failure."""
+        import backend_pb2
+
+        options = [
+            f"forced_aligner:{params['aligner']}",
+            f"max_new_tokens:{params['max_new_tokens']}",
+            f"torch_dtype:{dtype or params['dtype']}",
+            f"device:{params.get('device', 'cpu')}",
+            *params.get("worker_options", []),
+            *extra,
+        ]
+        reply = self.stub.LoadModel(
+            backend_pb2.ModelOptions(
+                Model=asr or params["asr"], Options=options, Threads=int(params["threads"]), CUDA=_cuda(params)
+            ),
+            timeout=1800,
+        )
+        if not reply.success:
+            raise RuntimeError(f"LoadModel failed: {reply.message}")
+        return reply.message
+
+    def transcribe(self, path: str, *, words: bool = False) -> Any:
+        """AudioTranscription of one file (word timestamps when `words`)."""
+        import backend_pb2
+
+        request = backend_pb2.TranscriptRequest(dst=path, timestamp_granularities=["word"] if words else [])
+        return self.stub.AudioTranscription(request, timeout=3600)
+
+    def status(self) -> Any:
+        """The Status rpc."""
+        import backend_pb2
+
+        return self.stub.Status(backend_pb2.HealthMessage(), timeout=30)
+
+    def free(self) -> None:
+        """The Free rpc."""
+        import backend_pb2
+
+        self.stub.Free(backend_pb2.HealthMessage(), timeout=600)
+
+    def close(self) -> None:
+        """Stop the server (models are dropped with the process)."""
+        self.channel.close()
+        self.server.stop(0)
+
+
+def _status_memory(worker: Worker) -> dict[str, int]:
+    status = worker.status()
+    return {key: int(value) for key, value in status.memory.breakdown.items()}
+
+
+# --- the library alone --------------------------------------------------------------------------------------
+def load_library(params: Params, *, with_aligner: bool, dtype: str | None = None) -> Any:
+    """`Qwen3ASRModel.from_pretrained` exactly as the alternatives would call it."""
+    from qwen_asr import Qwen3ASRModel
+
+    device = params.get("device", "cpu")
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype or params["dtype"], device), "attn_implementation": "sdpa"}
+    if device != "cpu":
+        kwargs["device_map"] = "cuda:0" if device == "cuda" else device
+    return Qwen3ASRModel.from_pretrained(
+        params["asr"],
+        forced_aligner=params["aligner"] if with_aligner else None,
+        forced_aligner_kwargs=dict(kwargs) if with_aligner else None,
+        max_inference_batch_size=8,
+        max_new_tokens=int(params["max_new_tokens"]),
+        **kwargs,
+    )
+
+
+def _library_transcribe(model: Any, audio: Any, *, timestamps: bool = False) -> Any:
+    return model.transcribe(audio=audio, return_time_stamps=timestamps)
+
+
+def _check_text(text: str, result: Result) -> None:
+    result["text_ok"] = text.strip() == fixtures.SENTENCE
+    result.setdefault("text_sample", text[:80])
+
+
+# --- scenarios ----------------------------------------------------------------------------------------------
+def plain(params: Params) -> Result:
+    """Figures 1 and 8: load one side, run a warm-up plain request, read RSS; then time a few more requests."""
+    side = params["side"]
+    clip = params["clip"]
+    out: Result = {"side": side, "dtype": params["dtype"]}
+    worker = model = None
+    with timed_phase(out, "load"):
+        if side == "ours":
+            worker = Worker()
+            out["load_message"] = worker.load(params)
+        else:
+            model = load_library(params, with_aligner=side == "eager")
+    out["rss_after_load"] = rss_detail()
+
+    def request() -> str:
+        if worker is not None:
+            return worker.transcribe(clip).text
+        audio = (fixtures.read_clip(Path(clip)), fixtures.SAMPLE_RATE)
+        return _library_transcribe(model, audio)[0].text
+
+    with timed_phase(out, "warmup"):
+        text = request()
+    _check_text(text, out)
+    gc.collect()
+    out["rss_after_warmup"] = rss_detail()
+    out.update(_gpu_figures(params))
+    if worker is not None:
+        out["status_memory"] = _status_memory(worker)
+        current = worker.engine.current
+        out["aligner_attached"] = current.aligner_attached
+        out["torch_dtype"] = str(current.dtype).removeprefix("torch.")
+    latencies, others = [], []
+    with PeakSampler() as sampler:
+        for _ in range(int(params.get("timed", 0))):
+            phase: Result = {}
+            with timed_phase(phase, "request"):
+                request()
+            latencies.append(phase["request_s"])
+            others.append(phase["request_other_cpu_s"])
+    out["latencies_s"] = latencies
+    out["latencies_other_cpu_s"] = others
+    if latencies:
+        out["peak_rss_timed"] = sampler.peak
+    out["rss_end"] = rss_bytes()
+    if worker is not None:
+        worker.close()
+    return out
+
+
+def first_timestamps(params: Params) -> Result:
+    """Figures 2 and 3: after a warm-up plain request, the first timestamp request's peak RSS and latency."""
+    side = params["side"]
+    clip = params["clip"]
+    out: Result = {"side": side, "dtype": params["dtype"]}
+    samples = fixtures.read_clip(Path(clip))
+    worker: Worker | None = None
+    holder: dict[str, Any] = {}
+    if side == "ours":
+        worker = Worker()
+        worker.load(params)
+        _check_text(worker.transcribe(clip).text, out)
+    else:
+        holder["model"] = load_library(params, with_aligner=False)
+        _check_text(_library_transcribe(holder["model"], (samples, fixtures.SAMPLE_RATE))[0].text, out)
+    gc.collect()
+    out["rss_before"] = rss_detail()
+    phases = _PhaseLog(worker.engine.current) if worker is not None else None
+    _gpu_reset(params)
+    with PeakSampler() as sampler, timed_phase(out, "first_ts"):
+        if worker is not None:
+            result = worker.transcribe(clip, words=True)
+            n_words = sum(len(seg.words) for seg in result.segments)
+            text = result.text
+        else:
+            # The reload alternative: a second full model with the aligner, then drop the first.
+            with timed_phase(out, "reload_load"):
+                fresh = load_library(params, with_aligner=True)
+                holder["model"] = fresh
+                del fresh
+                gc.collect()
+            with timed_phase(out, "reload_transcribe"):
+                stamped = _library_transcribe(holder["model"], (samples, fixtures.SAMPLE_RATE), timestamps=True)[0]
+            n_words = len(stamped.time_stamps.items) if stamped.time_stamps else 0
+            text = stamped.text
+    out["peak_rss"] = sampler.peak
+    out["rss_after"] = rss_detail()
+    out["words"] = n_words
+    out["text_ok_ts"] = text.strip() == fixtures.SENTENCE
+    out.update(_gpu_figures(params))
+    if phases is not None:
+        out["phases"] = phases.spans
+    if worker is not None:
+        out["aligner_loads"] = worker.engine.current.aligner_loads
+        out["status_memory"] = _status_memory(worker)
+        worker.close()
+    return out
+
+
+class _BatchLog:
+    """Wraps the batcher's model call to record each batch's size and duration (instrumentation only)."""
+
+    def __init__(self, batcher: Any) -> None:
+        self.entries: list[tuple[int, float]] = []
+        self.rss_after: list[int] = []  # RSS right after each batch
+        self.submitted: list[float] = []  # perf_counter() of each window's arrival at the batcher
+        self._inner: Callable[[Sequence[Any]], list[tuple[str, str]]] = batcher._run_batch
+        batcher._run_batch = self._call
+        submit = batcher.submit
+
+        def timed_submit(*args: Any, **kwargs: Any) -> Any:
+            self.submitted.append(time.perf_counter())
+            return submit(*args, **kwargs)
+
+        batcher.submit = timed_submit
+
+    def _call(self, jobs: Sequence[Any]) -> list[tuple[str, str]]:
+        start = time.perf_counter()
+        try:
+            return self._inner(jobs)
+        finally:
+            self.entries.append((len(jobs), time.perf_counter() - start))
+            self.rss_after.append(rss_bytes())
+
+    def arrival_spread_ms(self) -> float:
+        """Milliseconds between the first and the last window submitted since the last `take`."""
+        return 1000 * (max(self.submitted) - min(self.submitted)) if self.submitted else 0.0
+
+    def take(self) -> list[tuple[int, float]]:
+        """The batches since the last call, as (size, seconds); also clears `rss_after` and `submitted`."""
+        self.rss_after = []
+        self.submitted = []
+        entries, self.entries = self.entries, []
+        return entries
+
+
+class _PhaseLog:
+    """Times the worker's phases of a timestamp request: ASR batches, the aligner's load, and alignment.
+
+    Instrumentation only: wraps the loaded model's batcher call and aligner loader, recording (start, end)
+    offsets in seconds from construction.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.spans: dict[str, list[tuple[float, float]]] = {"asr": [], "aligner_load": [], "align": []}
+        self._t0 = time.perf_counter()
+        self._wrap(model.batcher, "_run_batch", "asr")
+        load = model._load_aligner
+
+        def timed_load() -> Any:
+            aligner = self._timed("aligner_load", load)
+            self._wrap(aligner, "align", "align")
+            return aligner
+
+        model._load_aligner = timed_load
+
+    def _timed(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter() - self._t0
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.spans[key].append((round(start, 3), round(time.perf_counter() - self._t0, 3)))
+
+    def _wrap(self, owner: Any, name: str, key: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return self._timed(key, inner, *args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+
+def serving(params: Params) -> Result:
+    """Figures 4, 5 and 8 (auto): per-request overhead and 8-client throughput, worker vs the library call.
+
+    The library side calls `transcribe` on the worker's own loaded `Qwen3ASRModel` (same weights, same process),
+    so the difference is exactly what the worker adds: gRPC, file decoding, window planning, the batcher, segments.
+    """
+    from qwen_asr_worker import runtime
+
+    clips: list[str] = params["clips"]
+    reps = int(params["reps"])
+    out: Result = {"dtype_requested": params["dtype"]}
+    worker = Worker()
+    worker.load(params)
+    current = worker.engine.current
+    out["auto_dtype"] = str(current.dtype).removeprefix("torch.")
+    out["auto_reason"] = runtime.pick_dtype(params["dtype"], current.device)[1]
+    library = current.asr
+    batch_log = _BatchLog(current.batcher)
+    arrays = [(fixtures.read_clip(Path(c)), fixtures.SAMPLE_RATE) for c in clips]
+
+    # Warm-up both paths once.
+    _check_text(worker.transcribe(clips[0]).text, out)
+    _library_transcribe(library, arrays[0])
+    batch_log.take()
+
+    # Figure 4: alternate the two sides (ABBA) so that drift and neighbours' load hit both alike.
+    ours_s: list[float] = []
+    lib_s: list[float] = []
+    model_s: list[float] = []
+    other: list[float] = []
+    for rep in range(reps):
+        order = ("ours", "lib") if rep % 2 == 0 else ("lib", "ours")
+        for side in order:
+            phase: Result = {}
+            with timed_phase(phase, "t"):
+                if side == "ours":
+                    worker.transcribe(clips[0])
+                else:
+                    _library_transcribe(library, arrays[0])
+            (ours_s if side == "ours" else lib_s).append(phase["t_s"])
+            other.append(phase["t_other_cpu_s"])
+            if side == "ours":
+                model_s.extend(seconds for _, seconds in batch_log.take())
+    out["overhead"] = {"ours_s": ours_s, "library_s": lib_s, "ours_model_call_s": model_s, "other_cpu_s": other}
+
+    # Figure 5: 8 clients at once vs one batched library call vs the worker serially.
+    if params.get("batch_warmup", True):
+        with timed_phase(out, "batch_warmup"):
+            _library_transcribe(library, arrays)
+    audio_s = sum(len(a) for a, _ in arrays) / fixtures.SAMPLE_RATE
+    out["throughput_audio_s"] = audio_s
+
+    def concurrent() -> Result:
+        barrier = threading.Barrier(len(clips))
+        texts: list[str] = [""] * len(clips)
+
+        def client(i: int) -> None:
+            barrier.wait()
+            texts[i] = worker.transcribe(clips[i]).text
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(clips))]
+        phase: Result = {}
+        with timed_phase(phase, "wall"):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        phase["all_text_ok"] = all(t.strip() == fixtures.SENTENCE for t in texts)
+        phase["arrival_spread_ms"] = batch_log.arrival_spread_ms()
+        phase["batches"] = batch_log.take()
+        return phase
+
+    def library_batch() -> Result:
+        phase: Result = {}
+        with timed_phase(phase, "wall"):
+            results = _library_transcribe(library, arrays)
+        phase["all_text_ok"] = all(r.text.strip() == fixtures.SENTENCE for r in results)
+        return phase
+
+    def serial() -> Result:
+        phase: Result = {}
+        with timed_phase(phase, "wall"):
+            for clip in clips:
+                worker.transcribe(clip)
+        phase["batches"] = batch_log.take()
+        return phase
+
+    runs: dict[str, list[Result]] = {"concurrent": [], "library_batch": [], "serial": []}
+    for _ in range(int(params.get("throughput_reps", 1))):
+        runs["concurrent"].append(concurrent())
+        runs["library_batch"].append(library_batch())
+        runs["serial"].append(serial())
+    out["throughput"] = runs
+    out["batch_sizes_total"] = dict(Counter(current.batcher.batch_sizes))
+    worker.close()
+    return out
+
+
+def idle_and_free(params: Params) -> Result:
+    """Figure 6: RSS before LoadModel, with the base model, with the aligner, after idle unload, after Free."""
+    idle = float(params["idle_s"])
+    clip = params["clip"]
+    out: Result = {"dtype": params["dtype"], "idle_s": idle}
+    worker = Worker()
+    gc.collect()
+    out["rss_before_imports"] = rss_bytes()
+    import qwen_asr  # noqa: F401 - the worker imports it at the first LoadModel; count it before, not as a leak
+
+    gc.collect()
+    out["rss_before_load"] = rss_bytes()
+    worker.load(params, f"aligner_idle_unload:{idle:g}")
+    _check_text(worker.transcribe(clip).text, out)
+    gc.collect()
+    out["rss_base_warm"] = rss_bytes()
+    worker.transcribe(clip, words=True)
+    out["rss_with_aligner"] = rss_bytes()
+    out["status_with_aligner"] = _status_memory(worker)
+    started = time.monotonic()
+    deadline = started + idle * 10 + 30
+    while _status_memory(worker).get("aligner_weights", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out["unloaded_after_s"] = time.monotonic() - started
+    out["unloaded"] = not worker.engine.current.aligner_attached
+    time.sleep(0.5)
+    out["rss_after_idle"] = rss_bytes()
+    out["status_after_idle"] = _status_memory(worker)
+    worker.transcribe(clip)
+    out["rss_after_idle_plain"] = rss_bytes()
+    worker.free()
+    time.sleep(1.0)
+    out["rss_after_free"] = rss_bytes()
+    out["rss_after_free_detail"] = rss_detail()
+    out["status_after_free"] = _status_memory(worker)
+    if params.get("second_cycle", True):
+        # Load, serve and free once more: a second cycle that ends higher than the first would be a leak;
+        # one that ends level means the first cycle's excess is one-time (imports, caches, heap high-water).
+        worker.load(params)
+        worker.transcribe(clip, words=True)
+        worker.free()
+        time.sleep(1.0)
+        out["rss_after_free_2"] = rss_bytes()
+    worker.close()
+    return out
+
+
+def long_audio(params: Params) -> Result:
+    """Figure 7: peak RSS across one long file through the worker, after a warm-up 10-s request."""
+    out: Result = {"dtype": params["dtype"], "clip": params["clip"], "asr": params["asr"]}
+    worker = Worker()
+    worker.load(params)
+    _check_text(worker.transcribe(params["warmup_clip"]).text, out)
+    current = worker.engine.current
+    before_windows = current.windows_transcribed
+    batch_log = _BatchLog(current.batcher)
+    gc.collect()
+    out["rss_before"] = rss_bytes()
+    _gpu_reset(params)
+    with PeakSampler(timeline_step=1.0) as sampler, timed_phase(out, "request"):
+        result = worker.transcribe(params["clip"], words=bool(params.get("words", False)))
+    out["peak_rss"] = sampler.peak
+    out["rss_timeline"] = sampler.timeline
+    out["rss_after"] = rss_bytes()
+    out["duration_s"] = result.duration
+    out["segments"] = len(result.segments)
+    out["text_chars"] = len(result.text)
+    out["windows"] = current.windows_transcribed - before_windows
+    out["rss_after_each_batch"] = batch_log.rss_after
+    out["batches"] = batch_log.take()
+    out.update(_gpu_figures(params))
+    worker.close()
+    return out
+
+
+def build(params: Params) -> Result:
+    """Build (or find cached) the checkpoints the run needs."""
+    out: Result = {}
+    for kind in params["kinds"]:
+        with timed_phase(out, kind):
+            path = fixtures.build_checkpoint(kind)
+        out[f"{kind}_bytes"] = fixtures.checkpoint_bytes(path)
+    return out
+
+
+def machine(params: Params) -> Result:
+    """Facts for the header line."""
+    return fixtures.machine_info()
+
+
+SCENARIOS: dict[str, Callable[[Params], Result]] = {
+    "plain": plain,
+    "first_timestamps": first_timestamps,
+    "serving": serving,
+    "idle_and_free": idle_and_free,
+    "long_audio": long_audio,
+    "build": build,
+    "machine": machine,
+}
+
+
+def main(argv: list[str]) -> None:
+    """Run one scenario and print its result; exits without tearing down (threads, mapped models)."""
+    name, params = argv[1], json.loads(argv[2])
+    if name not in ("build", "machine"):
+        _setup(params)
+    started = time.perf_counter()
+    result = SCENARIOS[name](params)
+    result["scenario_wall_s"] = time.perf_counter() - started
+    result["ru_maxrss"] = fixtures.max_rss_bytes()
+    fixtures.emit(result)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
