@@ -30,6 +30,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import shown
+
 SAMPLE_RATE = 16000
 
 # soxr "HQ" is 20-bit precision with a steep linear-phase filter: transparent for speech recognition (the model's
@@ -37,7 +39,6 @@ SAMPLE_RATE = 16000
 RESAMPLE_QUALITY = "HQ"
 
 _BLOCK_FRAMES = 1 << 20  # frames per libsndfile read: 32 MB at most (8 channels), then mixed down to mono
-_SHOWN_CHARS = 200  # of a path in an error message; longer ones are shortened in the middle
 _MAX_PADDING_SECONDS = 0.5  # decoded audio past the container's stated duration that we trim as codec padding
 _NOT_A_PATH = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|data:)", re.IGNORECASE)
 # No protocol matches this name, so FFmpeg refuses every nested open (HLS segments, ffconcat entries).
@@ -58,7 +59,7 @@ def load_audio(path: str) -> np.ndarray:
         AudioError: the path is a URL, missing, not a regular file, empty or unreadable; nothing in it decodes as
             audio; or it holds NaN or infinite samples.
     """
-    name = _shown(path)
+    name = shown(path)
     _check_path(path, name)
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed below, after both decoders are done with it
@@ -130,20 +131,11 @@ class _To16k:
             self._stream = None
 
 
-def _shown(path: str) -> str:
-    """The path as error messages show it: escaped if it holds control characters, and shortened in the middle
-    when long (a status message over ~8 KiB makes gRPC clients drop it and report RESOURCE_EXHAUSTED instead)."""
-    text = path if path.isprintable() else repr(path)[1:-1]
-    if len(text) <= _SHOWN_CHARS:
-        return text
-    return f"{text[: _SHOWN_CHARS // 2]}…{text[-_SHOWN_CHARS // 2 :]}"
-
-
 def _check_path(path: str, name: str) -> None:
     """Refuse anything but an existing, non-empty regular file, each with the reason and the fix."""
     if _NOT_A_PATH.match(path):
         raise AudioError(
-            f"dst must be a local file path, not a URL or data URI: {path[:80]!r}; "
+            f"dst must be a local file path, not a URL or data URI: {shown(path, 80)!r}; "
             "LocalAI downloads the upload and passes its path"
         )
     if not path:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import models, runtime
+from . import models, runtime, torch_state
 from .audio import SAMPLE_RATE, load_audio
 from .batcher import AsrBatcher, AsrJob
 from .chunking import Window, plan_windows
@@ -146,12 +146,13 @@ class LoadedModel:
         if asr is None:
             raise NotReady("the model was unloaded while this request waited; call LoadModel again")
         self.windows_transcribed += len(jobs)
-        results = asr.transcribe(
-            audio=[(job.samples, SAMPLE_RATE) for job in jobs],
-            context=[job.context for job in jobs],
-            language=[job.language for job in jobs],
-            return_time_stamps=False,
-        )
+        with torch_state.forward_pass():
+            results = asr.transcribe(
+                audio=[(job.samples, SAMPLE_RATE) for job in jobs],
+                context=[job.context for job in jobs],
+                language=[job.language for job in jobs],
+                return_time_stamps=False,
+            )
         return [(r.language, r.text) for r in results]
 
     # --- the aligner ----------------------------------------------------------------------------------
@@ -292,7 +293,10 @@ class Engine:
         dtype, why = runtime.pick_dtype(opts.torch_dtype, device)
         log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
         if spec.threads > 0:
-            torch.set_num_threads(spec.threads)
+            threads = min(spec.threads, runtime.usable_cpus())
+            if threads < spec.threads:
+                log.info("Threads=%d capped at the %d CPUs this process may use", spec.threads, threads)
+            torch.set_num_threads(threads)  # process-wide, and it outlives this load: never above the CPUs
         asr = models.load_asr(
             spec.reference,
             device=device,
@@ -471,11 +475,12 @@ class _Run:
         if not todo:
             return []
         self._check_cancelled()
-        aligned = aligner.align(
-            audio=[(_pad(samples[w.start : w.end]), SAMPLE_RATE) for w, _, _ in todo],
-            text=[piece for _, _, piece in todo],
-            language=[self.request.language or lang.split(",")[0] for _, lang, _ in todo],
-        )
+        with torch_state.forward_pass():
+            aligned = aligner.align(
+                audio=[(_pad(samples[w.start : w.end]), SAMPLE_RATE) for w, _, _ in todo],
+                text=[piece for _, _, piece in todo],
+                language=[self.request.language or lang.split(",")[0] for _, lang, _ in todo],
+            )
         words: list[Word] = []
         for (window, _, _), result in zip(todo, aligned, strict=True):
             offset = window.start / SAMPLE_RATE

@@ -1,8 +1,20 @@
 """Domain errors, one class per gRPC status the servicer maps them to.
 
 The engine raises these with a message that names the problem and the fix; the servicer only translates the
-class into a status code, so the mapping lives in one place (`servicer.STATUS_BY_ERROR`).
+class into a status code, so the mapping lives in one place (`servicer._status_for`).
 """
+
+from __future__ import annotations
+
+
+def shown(value: str, limit: int = 200) -> str:
+    """A client-supplied string as an error message may quote it: control characters escaped, and shortened in
+    the middle past `limit` characters. A status message over ~8 KiB makes gRPC clients drop it and report
+    RESOURCE_EXHAUSTED instead of the real error."""
+    text = value if value.isprintable() else repr(value)[1:-1]
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]}…{text[-(limit // 2) :]}"
 
 
 class WorkerError(Exception):

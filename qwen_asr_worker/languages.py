@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import shown
+
 # Qwen3-ASR name -> (ISO code we answer with, other codes and names we accept, all lower case). The order is
 # qwen_asr.inference.utils.SUPPORTED_LANGUAGES's; a test keeps the two equal.
 _TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -60,7 +62,6 @@ _CANTONESE_REGIONS = frozenset({"hk", "mo", "yue"})
 # A BCP 47-like tag: a primary subtag (a code or a name) and alphanumeric subtags of up to 8 characters,
 # separated by '-' or '_'. Each repetition starts at a separator, so matching is linear in the input.
 _TAG = re.compile(r"([a-z]+)((?:[-_][a-z0-9]{1,8})*)")
-_SHOWN_CHARS = 40
 
 
 class LanguageError(ValueError):
@@ -89,9 +90,9 @@ def resolve_language(value: str) -> str | None:
             if name == "Chinese" and subtags & _CANTONESE_REGIONS:
                 name = "Cantonese"
     if name is None:
-        shown = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "…"
         raise LanguageError(
-            f"unsupported language {shown!r}: Qwen3-ASR supports {_supported_list()}; leave it empty to auto-detect"
+            f"unsupported language '{shown(value, 40)}': Qwen3-ASR supports {_supported_list()}; "
+            "leave it empty to auto-detect"
         )
     return name
 

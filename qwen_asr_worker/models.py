@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidRequest
+from . import torch_state
+from .errors import InvalidRequest, shown
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ASRModel, Qwen3ForcedAligner
@@ -36,22 +37,38 @@ def resolve_reference(reference: str, model_path: str, *, what: str) -> str:
     ref = reference.strip()
     if not ref:
         raise InvalidRequest(f"no {what} given: set it to a local directory or a Hugging Face id")
+    try:
+        found = _find_local(ref, model_path, what)
+    except InvalidRequest:
+        raise
+    except (OSError, RuntimeError, ValueError) as exc:  # '~nosuchuser', an embedded NUL, a name too long
+        raise InvalidRequest(
+            f"{what} '{shown(ref)}' is not a usable path ({exc}); "
+            "give an absolute path, a path relative to the models directory, or a Hugging Face id"
+        ) from None
+    if found is not None:
+        return found
+    if _HF_ID.match(ref):
+        return ref
+    where = f" under ModelPath {shown(model_path)}" if model_path else ""
+    raise InvalidRequest(
+        f"{what} '{shown(ref)}' was not found{where} and is not a Hugging Face id (org/name); "
+        "give an absolute path, a path relative to the models directory, or an id like Qwen/Qwen3-ASR-0.6B"
+    )
+
+
+def _find_local(ref: str, model_path: str, what: str) -> str | None:
+    """The local path `ref` names (absolute, under `model_path`, or under the working directory), else None."""
     candidate = Path(ref).expanduser()
     if candidate.is_absolute():
         if not candidate.exists():
-            raise InvalidRequest(f"{what} path {ref} does not exist; check the path or use a Hugging Face id")
+            raise InvalidRequest(f"{what} path {shown(ref)} does not exist; check the path or use a Hugging Face id")
         return str(candidate)
     if model_path and (Path(model_path) / candidate).exists():
         return str(Path(model_path) / candidate)
     if candidate.exists():
         return str(candidate.resolve())
-    if _HF_ID.match(ref):
-        return ref
-    where = f" under ModelPath {model_path}" if model_path else ""
-    raise InvalidRequest(
-        f"{what} {ref!r} was not found{where} and is not a Hugging Face id (org/name); "
-        "give an absolute path, a path relative to the models directory, or an id like Qwen/Qwen3-ASR-0.6B"
-    )
+    return None
 
 
 def _local_config(path: str, what: str) -> dict[str, Any] | None:
@@ -125,15 +142,16 @@ def load_asr(
     check_asr_checkpoint(path)
     from qwen_asr import Qwen3ASRModel
 
-    started = time.perf_counter()
-    model = Qwen3ASRModel.from_pretrained(
-        path,
-        forced_aligner=None,
-        max_inference_batch_size=max_inference_batch_size,
-        max_new_tokens=max_new_tokens,
-        attn_implementation=attn_implementation,
-        **_placement(device, dtype),
-    )
+    with torch_state.loading():
+        started = time.perf_counter()
+        model = Qwen3ASRModel.from_pretrained(
+            path,
+            forced_aligner=None,
+            max_inference_batch_size=max_inference_batch_size,
+            max_new_tokens=max_new_tokens,
+            attn_implementation=attn_implementation,
+            **_placement(device, dtype),
+        )
     model.model.eval()
     log.info(
         "loaded Qwen3-ASR %s on %s as %s in %.2f s",
@@ -150,10 +168,11 @@ def load_aligner(path: str, *, device: str, dtype: torch.dtype, attn_implementat
     check_aligner_checkpoint(path)
     from qwen_asr import Qwen3ForcedAligner
 
-    started = time.perf_counter()
-    aligner = Qwen3ForcedAligner.from_pretrained(
-        path, attn_implementation=attn_implementation, **_placement(device, dtype)
-    )
+    with torch_state.loading():
+        started = time.perf_counter()
+        aligner = Qwen3ForcedAligner.from_pretrained(
+            path, attn_implementation=attn_implementation, **_placement(device, dtype)
+        )
     aligner.model.eval()
     log.info(
         "attached Qwen3-ForcedAligner %s on %s as %s in %.2f s",

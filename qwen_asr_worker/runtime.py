@@ -76,6 +76,14 @@ def pick_dtype(requested: str, device: str) -> tuple[torch.dtype, str]:
     return torch.float32, f"auto: no fast bf16 on {device}"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def module_bytes(module: torch.nn.Module | None) -> int:
     """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
     if module is None:

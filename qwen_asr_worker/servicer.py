@@ -20,7 +20,7 @@ import backend_pb2_grpc
 
 from .audio import AudioError
 from .engine import Engine, Granularity, LoadSpec, State, Transcription, TranscriptionRequest
-from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady
+from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady, shown
 from .languages import LanguageError, resolve_language
 from .models import resolve_reference
 from .options import OptionsError, parse_options
@@ -90,7 +90,7 @@ def parse_granularity(values: Iterable[str]) -> Granularity:
     for raw in values:
         value = raw.strip().lower()
         if value not in _GRANULARITIES:
-            raise InvalidRequest(f"unknown timestamp granularity {raw!r}; use 'word' and/or 'segment'")
+            raise InvalidRequest(f"unknown timestamp granularity '{shown(raw, 40)}'; use 'word' and/or 'segment'")
         found.add(_GRANULARITIES[value])
     if Granularity.WORD in found:
         return Granularity.WORD
@@ -180,6 +180,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             log.warning("LoadModel rejected: %s", exc)
             self.engine.record_load_failure(str(exc))
             return backend_pb2.Result(success=False, message=str(exc))
+        except Exception as exc:  # LocalAI reads every load failure from Result, never from a status
+            log.exception("LoadModel options could not be read")
+            message = f"LoadModel could not read its request: {type(exc).__name__}: {exc}"
+            self.engine.record_load_failure(message)
+            return backend_pb2.Result(success=False, message=message)
         try:
             model = self.engine.load(spec)
         except InvalidRequest as exc:

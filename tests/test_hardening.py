@@ -332,14 +332,7 @@ def test_bad_paths(served: Harness, audio: dict[str, Path], dst: str, fragment: 
     "field",
     [
         "dst",
-        pytest.param(
-            "granularity",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (servicer.parse_granularity): the message echoes the whole granularity string; over "
-                "~8 KiB Python gRPC clients drop the trailer and see RESOURCE_EXHAUSTED, not INVALID_ARGUMENT",
-            ),
-        ),
+        "granularity",
     ],
 )
 def test_huge_inputs_get_a_short_message(served: Harness, audio: dict[str, Path], field: str) -> None:
@@ -596,11 +589,6 @@ def test_load_failures_keep_the_previous_model(
     assert harness.transcribe(audio["wav"]).text == CJK_SENTENCE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (models.resolve_reference / servicer.LoadModel): Path.expanduser() raises RuntimeError or "
-    "ValueError for '~user' names, which escape LoadModel as gRPC UNKNOWN instead of success=false",
-)
 @pytest.mark.parametrize("model", ["~no-such-user-here/model", "~\x00/model"])
 def test_load_model_answers_with_a_result_for_any_name(
     harness: Harness, audio: dict[str, Path], checkpoints: dict[str, Path], model: str
@@ -611,12 +599,6 @@ def test_load_model_answers_with_a_result_for_any_name(
     _still_serves(harness, audio)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (engine._build): LoadModel's Threads goes to torch.set_num_threads unclamped; Threads=4096 made a "
-    "2 s clip take 23 s instead of 0.07 s on 2 cores, for every later request too (the setting is process-wide "
-    "and outlives the load). Fix: clamp to len(os.sched_getaffinity(0)) and log it",
-)
 def test_threads_are_capped_at_the_cpus(
     harness: Harness, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -643,15 +625,10 @@ def test_threads_within_the_cpus_are_applied(
 # --- faults and load: cancellation, reload and free with requests in flight ---------------------------------------
 
 
-# The fault tests below load in float32 and attach the aligner up front, so that no checkpoint loads while
-# another runs or loads: see test_model_loads_never_overlap and test_no_forward_pass_while_a_load_changes_the_
-# default_dtype for why (both are known bugs).
-SAFE = ("torch_dtype:fp32", "preload_aligner:true")
-
-
 def _slow(harness: Harness, checkpoints: dict[str, Path], tokens: int = 2000) -> None:
-    """Load a model whose requests take seconds (generation runs to max_new_tokens, ~1-2 ms a token here)."""
-    options = (f"max_new_tokens:{tokens}", f"forced_aligner:{checkpoints['aligner']}", *SAFE)
+    """Load a model whose requests take seconds (generation runs to max_new_tokens, ~1-2 ms a token here), in
+    bf16, so that any load during a fault test also switches torch's default dtype (see torch_state)."""
+    options = (f"max_new_tokens:{tokens}", f"forced_aligner:{checkpoints['aligner']}", "torch_dtype:bf16")
     result = harness.load(checkpoints["asr"], *options)
     assert result.success, result.message
 
@@ -827,7 +804,7 @@ def test_fixing_the_aligner_path_needs_only_a_reload(
     assert harness.engine.current.aligner_loads == 1
 
 
-# --- known bugs: checkpoint loads share process-wide torch state with everything else running -------------------
+# --- checkpoint loads share process-wide torch state with everything else running ----------------------------
 
 
 @pytest.fixture
@@ -842,13 +819,6 @@ def torch_globals() -> Iterator[None]:
     torch.set_default_dtype(dtype)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (engine.py/models.py): LoadModel and the lazy aligner load can run from_pretrained at the same "
-    "time; transformers' init_empty_weights patches nn.Module.register_parameter process-wide and two overlapping "
-    "loads restore it out of order, leaving every later nn.Module on the meta device (all later loads broken "
-    "until restart). Fix: one process-wide lock around every from_pretrained (models.load_asr/load_aligner)",
-)
 def test_model_loads_never_overlap(
     harness: Harness,
     checkpoints: dict[str, Path],
@@ -892,13 +862,6 @@ def test_model_loads_never_overlap(
     assert peak[0] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (engine.py/models.py): from_pretrained with dtype bf16/fp16 calls torch.set_default_dtype, which is "
-    "process-wide, for the whole load; requests running meanwhile (the aligner loads while the batcher runs ASR "
-    "by design) compute in that dtype and fail (split_with_sizes expects split_sizes to sum to 3000) or could go "
-    "wrong silently. Fix: load in float32 and cast with .to(dtype) after, or keep forward passes out during loads",
-)
 @pytest.mark.parametrize("trigger", ["LoadModel", "aligner"])
 def test_no_forward_pass_while_a_load_changes_the_default_dtype(
     harness: Harness,

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qwen_asr_worker.errors import shown
 from qwen_asr_worker.languages import SUPPORTED, LanguageError, detected_to_iso, resolve_language, to_iso
 
 ISO = {
@@ -125,7 +126,7 @@ def test_unknown_languages_are_rejected_with_the_list(value: str) -> None:
         resolve_language(value)
     message = str(info.value)
     assert message.startswith("unsupported language ")
-    assert repr(value[:40]) in message or repr(value[:40] + "…") in message
+    assert f"'{shown(value, 40)}'" in message  # quoted, escaped, shortened in the middle
     assert "de (German)" in message and "yue (Cantonese)" in message and "fil (Filipino)" in message
     assert "leave it empty to auto-detect" in message
     assert len(message) < 1000
