@@ -493,6 +493,7 @@ def idle_and_free(params: Params) -> Result:
 
     gc.collect()
     out["rss_before_load"] = rss_bytes()
+    out["rss_before_load_detail"] = rss_detail()
     worker.load(params, f"aligner_idle_unload:{idle:g}")
     _check_text(worker.transcribe(clip).text, out)
     gc.collect()

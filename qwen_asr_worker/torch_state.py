@@ -14,8 +14,9 @@ transcribing, and a second LoadModel replaces a model that is still answering. T
   fraction of a second, so a plain request is never held for the whole aligner load.
 
 The gate is held from transformers' `PreTrainedModel._set_default_dtype` until `_load_pretrained_model` starts
-(the default dtype is restored just before it), through hooks that act only in a thread inside `loading()`. The
-pinned transformers (4.57.6) has both methods; a test fails if a forward pass ever overlaps the switch.
+(the default dtype is restored just before it), through hooks that act only in a thread inside `loading()`, and
+only when the load dtype differs from the default (a float32 load overlaps forward passes freely). The pinned
+transformers (4.57.6) has both methods; a test fails if a forward pass ever overlaps the switch.
 """
 
 from __future__ import annotations
@@ -109,13 +110,14 @@ def _in_load() -> bool:
 
 @functools.cache
 def _install_hooks() -> None:
+    import torch
     from transformers import PreTrainedModel
 
     set_default_dtype = PreTrainedModel._set_default_dtype.__func__
     load_weights = PreTrainedModel._load_pretrained_model.__func__
 
     def gated_set_default_dtype(cls: type, dtype: Any) -> Any:
-        if _in_load():
+        if _in_load() and dtype != torch.get_default_dtype():  # a float32 load changes nothing: no need to wait
             FORWARD.hold()
         return set_default_dtype(cls, dtype)
 
