@@ -204,7 +204,9 @@ def _read_soundfile(handle: IO[bytes]) -> np.ndarray | None:
                 block = sound.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
                 if not len(block):
                     break
-                collector.add(block @ weights if channels > 1 else block[:, 0], rate)
+                with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf input is refused after decoding
+                    mono = block @ weights if channels > 1 else block[:, 0]
+                collector.add(mono, rate)
                 read_any = True
         except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
             if not read_any:

@@ -153,6 +153,7 @@ class LoadedModel:
                 language=[job.language for job in jobs],
                 return_time_stamps=False,
             )
+        runtime.trim_heap()
         return [(r.language, r.text) for r in results]
 
     # --- the aligner ----------------------------------------------------------------------------------
@@ -481,6 +482,7 @@ class _Run:
                 text=[piece for _, _, piece in todo],
                 language=[self.request.language or lang.split(",")[0] for _, lang, _ in todo],
             )
+        runtime.trim_heap()
         words: list[Word] = []
         for (window, _, _), result in zip(todo, aligned, strict=True):
             offset = window.start / SAMPLE_RATE

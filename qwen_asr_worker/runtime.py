@@ -118,13 +118,23 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+def trim_heap() -> None:
+    """Hand the free pages of glibc's heaps back to the OS (malloc_trim).
+
+    Called after every model call: a forward pass allocates and frees activations of many sizes, and glibc
+    keeps the freed memory for reuse, fragmented. Without this, resident memory crept up by ~30 MB per 180-s
+    window over an hour-long file; with it, it stays level (see the bench, figure 7).
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def release_memory() -> None:
     """Give freed memory back to the OS: Python's gc, glibc's heap (malloc_trim) and torch's CUDA cache."""
     import gc
 
     gc.collect()
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

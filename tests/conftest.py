@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,11 @@ class Harness:
         return self.stub.Status(backend_pb2.HealthMessage(), timeout=10)
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    """A fresh server and engine per test."""
-    server, port, servicer = create_server("127.0.0.1:0", max_workers=32)
+@contextmanager
+def serving(max_workers: int = 32) -> Iterator[Harness]:
+    """An in-process server on a free port and a connected stub; on exit the model is freed and the server
+    stopped."""
+    server, port, servicer = create_server("127.0.0.1:0", max_workers=max_workers)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=10)
     try:
@@ -88,6 +90,13 @@ def harness() -> Iterator[Harness]:
         channel.close()
         servicer.engine.free()
         server.stop(0)
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    """A fresh server and engine per test."""
+    with serving() as served:
+        yield served
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:

@@ -21,16 +21,14 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import backend_pb2
-import backend_pb2_grpc
 from qwen_asr_worker.audio import AudioError, load_audio
 from qwen_asr_worker.errors import InvalidRequest
 from qwen_asr_worker.languages import SUPPORTED, LanguageError, resolve_language
 from qwen_asr_worker.options import OptionsError, WorkerOptions, parse_options, valid_keys
 from qwen_asr_worker.parent_watch import MAX_INTERVAL, MIN_INTERVAL, parse_interval
-from qwen_asr_worker.server import create_server
 from qwen_asr_worker.servicer import parse_granularity, to_load_spec
 from tests.audio_fixtures import tone, write_audio
-from tests.conftest import SENTENCE, Harness
+from tests.conftest import SENTENCE, Harness, serving
 
 FUZZ = settings(
     derandomize=True,
@@ -281,19 +279,12 @@ _DELIBERATE = {
 @pytest.fixture(scope="module")
 def fuzz_server(checkpoints: dict[str, Path]) -> Iterator[Harness]:
     """A module-wide server with the English model (max_new_tokens 16) and the aligner attached."""
-    server, port, servicer = create_server("127.0.0.1:0", max_workers=8)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    harness = Harness(backend_pb2_grpc.BackendStub(channel), servicer.engine, port)
-    loaded = harness.load(
-        checkpoints["asr"], "max_new_tokens:16", f"forced_aligner:{checkpoints['aligner']}", "preload_aligner:true"
-    )
-    assert loaded.success, loaded.message
-    try:
+    with serving(max_workers=8) as harness:
+        loaded = harness.load(
+            checkpoints["asr"], "max_new_tokens:16", f"forced_aligner:{checkpoints['aligner']}", "preload_aligner:true"
+        )
+        assert loaded.success, loaded.message
         yield harness
-    finally:
-        channel.close()
-        servicer.engine.free()
-        server.stop(0)
 
 
 @settings(FUZZ, max_examples=250)

@@ -22,12 +22,11 @@ import soundfile as sf
 
 import backend
 import backend_pb2
-import backend_pb2_grpc
 from qwen_asr_worker import server as server_module
 from qwen_asr_worker.server import create_server
 from qwen_asr_worker.servicer import MAX_PROMPT_CHARS
 from tests.audio_fixtures import tone, write_audio
-from tests.conftest import CJK_SENTENCE, SENTENCE, SENTENCE_WORDS, Harness, wait_until
+from tests.conftest import CJK_SENTENCE, SENTENCE, SENTENCE_WORDS, Harness, serving, wait_until
 
 NS = 1_000_000_000
 MiB = 1024 * 1024
@@ -50,23 +49,11 @@ def _words(result: backend_pb2.TranscriptResult) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(checkpoints: dict[str, Path]) -> Iterator[Harness]:
-    """One server for the read-only tests, with the English model and the aligner configured.
-
-    float32: the first timestamp request attaches the aligner while its own ASR runs, and a bf16 load would
-    change torch's process-wide default dtype under it (see test_no_forward_pass_while_a_load_changes_the_...).
-    """
-    server, port, servicer = create_server("127.0.0.1:0", max_workers=16)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    grpc.channel_ready_future(channel).result(timeout=10)
-    harness = Harness(backend_pb2_grpc.BackendStub(channel), servicer.engine, port)
-    result = harness.load(checkpoints["asr"], f"forced_aligner:{checkpoints['aligner']}", "torch_dtype:fp32")
-    assert result.success, result.message
-    try:
+    """One server for the read-only tests, with the English model and the aligner configured."""
+    with serving(max_workers=16) as harness:
+        result = harness.load(checkpoints["asr"], f"forced_aligner:{checkpoints['aligner']}")
+        assert result.success, result.message
         yield harness
-    finally:
-        channel.close()
-        servicer.engine.free()
-        server.stop(0)
 
 
 def _still_serves(harness: Harness, audio: dict[str, Path]) -> None:

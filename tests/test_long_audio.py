@@ -99,3 +99,21 @@ def test_short_file_gives_one_delta(harness: Harness, checkpoints: dict[str, Pat
     assert [m.delta for m in messages[:-1]] == [SENTENCE]
     words = [w.text for s in messages[-1].final_result.segments for w in s.words]
     assert words == SENTENCE_WORDS
+
+
+def test_the_heap_is_trimmed_after_every_model_call(
+    harness: Harness, checkpoints: dict[str, Path], ten_minutes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Freed activations go back to the OS after each window's model call, so memory does not creep over a long
+    file (the bench measures the effect on full-size models)."""
+    from qwen_asr_worker import runtime
+
+    _load(harness, checkpoints, "preload_aligner:true")
+    trims: list[float] = []
+    monkeypatch.setattr(runtime, "trim_heap", lambda: trims.append(time.monotonic()))
+    batches = harness.engine.current.batcher.batch_sizes
+    before = sum(batches.values())
+    harness.transcribe(ten_minutes, timestamp_granularities=["word"])
+    asr_calls = sum(batches.values()) - before
+    assert asr_calls == 4  # one 180-s window per call (max_batch_seconds)
+    assert len(trims) == asr_calls + 1  # and the alignment call
