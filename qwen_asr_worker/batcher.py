@@ -2,9 +2,13 @@
 
 LocalAI spawns one worker per model and sends it every user's request. Running them one by one leaves most of
 the hardware idle; a batched forward pass costs little more than a single one. A job is one audio window with
-its own context and language; one thread per loaded model takes the first waiting job, waits at most
-`window_s` for up to `max_batch_size - 1` more, runs them as one call and resolves each job's future with its
-own result.
+its own context and language; one thread per loaded model takes the first waiting job, gathers up to
+`max_batch_size - 1` more, runs them as one call and resolves each job's future with its own result.
+
+Gathering stops once `window_s` passes without a new job. Each arrival restarts that wait, up to
+`MAX_WINDOWS` windows in all: concurrent clients' requests reach the batcher spread over more than one short
+window (decoding, gRPC threads on busy cores), and a fixed wait from the first arrival split such a burst in two
+calls, while a lone request still waits only one window.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class AsrJob:
 
 
 RunBatch = Callable[[Sequence[AsrJob]], list[tuple[str, str]]]
+MAX_WINDOWS = 5  # a burst may extend the gathering to this many windows; a steady trickle cannot hold it longer
 _STOP = object()
 
 
@@ -76,7 +81,8 @@ class AsrBatcher:
     def _gather(self, first: AsrJob) -> tuple[list[AsrJob], bool]:
         batch = [first]
         samples = len(first.samples)
-        deadline = time.monotonic() + self._window
+        started = time.monotonic()
+        deadline, limit = started + self._window, started + self._window * MAX_WINDOWS
         while len(batch) < self._max:
             remaining = deadline - time.monotonic()
             try:
@@ -91,6 +97,7 @@ class AsrBatcher:
                 break
             batch.append(item)
             samples += len(item.samples)
+            deadline = min(time.monotonic() + self._window, limit)
         return batch, False
 
     def _loop(self) -> None:

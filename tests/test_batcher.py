@@ -67,6 +67,37 @@ def test_lone_job_is_not_held_much_longer_than_the_window() -> None:
     batcher.close()
 
 
+def test_a_burst_spread_over_more_than_one_window_shares_a_batch() -> None:
+    """Jobs 0.1 windows apart, 12 of them: more than one window from first to last, never a window's gap."""
+    rec = Recorder()
+    window = 0.2
+    batcher = AsrBatcher(rec, max_batch_size=16, window_s=window, name="t")
+    futures = []
+    for i in range(12):
+        futures.append(batcher.submit(np.zeros(10, np.float32), f"j{i}", None))
+        time.sleep(window / 10)
+    assert [f.result(timeout=5)[1] for f in futures] == [f"j{i}:10" for i in range(12)]
+    assert rec.batches == [12]
+    batcher.close()
+
+
+def test_a_steady_trickle_cannot_hold_the_first_job_forever() -> None:
+    from qwen_asr_worker.batcher import MAX_WINDOWS
+
+    rec = Recorder()
+    window = 0.05
+    batcher = AsrBatcher(rec, max_batch_size=1000, window_s=window, name="t")
+    first = batcher.submit(np.zeros(10, np.float32), "first", None)
+    started = time.monotonic()
+    while not first.done() and time.monotonic() - started < 5:  # a job every 0.2 windows, for up to 5 s
+        batcher.submit(np.zeros(10, np.float32), "more", None)
+        time.sleep(window / 5)
+    first.result(timeout=5)
+    assert time.monotonic() - started < MAX_WINDOWS * window + 0.5
+    assert len(rec.batches) >= 1 and rec.batches[0] < 1000
+    batcher.close()
+
+
 def test_a_failing_job_fails_only_itself() -> None:
     rec = Recorder(delay=0.05)
     batcher = AsrBatcher(rec, max_batch_size=8, window_s=0.2, name="t")
