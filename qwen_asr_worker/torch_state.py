@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 _loads = threading.Lock()
@@ -86,7 +86,7 @@ class ForwardGate:
 FORWARD = ForwardGate()
 
 
-def forward_pass() -> Any:
+def forward_pass() -> AbstractContextManager[None]:
     """Context manager around every model call (ASR batch, alignment)."""
     return FORWARD.shared()
 
