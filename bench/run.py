@@ -62,12 +62,10 @@ def make_config(args: argparse.Namespace) -> Config:
     if not only <= set(range(1, 9)):
         raise SystemExit(f"--only takes figure numbers 1-8, got {args.only!r}")
     omp = "" if args.omp_wait_policy.lower() == "default" else args.omp_wait_policy.upper()
-    if args.quick:
-        return Config(
-            quick=True,
-            device=args.device,
-            threads=threads,
-            max_new_tokens=args.max_new_tokens or 36,
+    # What differs between the modes; everything else comes from the command line.
+    mode: dict[str, Any] = (
+        dict(
+            max_new_tokens=36,
             timed_requests=1,
             overhead_reps=2,
             throughput_reps=1,
@@ -76,30 +74,31 @@ def make_config(args: argparse.Namespace) -> Config:
             idle_dtypes=("bf16",),
             long_model="asr_reduced",
             long_minutes=20.0,
-            short_minutes=3.0,
-            quiet_wait_s=args.quiet_wait,
-            omp_wait_policy=omp,
-            worker_options=tuple(args.worker_option),
-            only=only,
         )
+        if args.quick
+        else dict(
+            max_new_tokens=64,
+            timed_requests=3,
+            overhead_reps=6,
+            throughput_reps=2,
+            batch_warmup=True,
+            ts_dtypes=("bf16", "fp32"),
+            idle_dtypes=("bf16", "fp32"),
+            long_model="asr",
+            long_minutes=60.0,
+        )
+    )
+    mode["max_new_tokens"] = args.max_new_tokens or mode["max_new_tokens"]
     return Config(
-        quick=False,
+        quick=args.quick,
         device=args.device,
         threads=threads,
-        max_new_tokens=args.max_new_tokens or 64,
-        timed_requests=3,
-        overhead_reps=6,
-        throughput_reps=2,
-        batch_warmup=True,
-        ts_dtypes=("bf16", "fp32"),
-        idle_dtypes=("bf16", "fp32"),
-        long_model="asr",
-        long_minutes=60.0,
         short_minutes=3.0,
         quiet_wait_s=args.quiet_wait,
         omp_wait_policy=omp,
         worker_options=tuple(args.worker_option),
         only=only,
+        **mode,
     )
 
 
