@@ -94,7 +94,7 @@ def test_a_steady_trickle_cannot_hold_the_first_job_forever() -> None:
         time.sleep(window / 5)
     first.result(timeout=5)
     assert time.monotonic() - started < MAX_WINDOWS * window + 0.5
-    assert len(rec.batches) >= 1 and rec.batches[0] < 1000
+    assert rec.batches[0] >= 2  # the trickle did join the first batch before the cap cut it
     batcher.close()
 
 

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import soundfile as sf
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import backend_pb2
@@ -256,8 +256,6 @@ def test_parent_watch_interval_is_always_usable(text: str) -> None:
 def test_load_spec_raises_only_domain_errors(
     model: str, model_path: str, model_file: str, dtype: str, options: list[str]
 ) -> None:
-    # '~name' is a known bug (see test_hardening.test_load_model_answers_with_a_result_for_any_name).
-    assume(not model.strip().startswith("~"))
     request = backend_pb2.ModelOptions(
         Model=model, ModelPath=model_path, ModelFile=model_file, DType=dtype, Options=options
     )
