@@ -27,10 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import backend_pb2  # noqa: E402
 import backend_pb2_grpc  # noqa: E402
+from qwen_asr_worker.audio import load_audio  # noqa: E402
 from qwen_asr_worker.testing.checkpoints import build_aligner_checkpoint, build_asr_checkpoint  # noqa: E402
 from tests.audio_fixtures import tone, write_audio  # noqa: E402
 
 SENTENCE = "Hello world. This is a test."
+SPEECH = ROOT / "tests" / "fixtures" / "speech"
 GRPCURL = shutil.which("grpcurl", path=str(ROOT / ".venv" / "bin")) or shutil.which("grpcurl")
 
 
@@ -92,22 +94,30 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny checkpoints and audio in every format the issue lists."""
+    """Tiny checkpoints, and real speech (a committed espeak-ng fixture) in every format the issue lists."""
     base = tmp_path_factory.mktemp("e2e")
     files = {
         "asr": build_asr_checkpoint(base / "asr", sentence=SENTENCE),
         "aligner": build_aligner_checkpoint(base / "aligner"),
     }
-    mono = tone(2.0, 16000)
+    speech = load_audio(str(SPEECH / "quiet.opus"))[: 2 * 16000] * 30  # the first 2 s, at normal loudness
     for fmt in ("wav", "flac", "ogg", "mp3", "m4a", "webm"):
-        files[fmt] = write_audio(base / f"speech.{fmt}", mono, 16000, fmt)
+        files[fmt] = write_audio(base / f"speech.{fmt}", speech, 16000, fmt)
     files["long"] = write_audio(base / "long.wav", tone(20.0, 16000), 16000, "wav")
-    files["8k"] = write_audio(base / "speech-8k.wav", tone(2.0, 8000), 8000, "wav")
-    files["44k-stereo"] = write_audio(base / "speech-44k.wav", tone(2.0, 44100, channels=2), 44100, "wav")
+    files["8k"] = write_audio(base / "speech-8k.wav", _to_rate(speech, 8000), 8000, "wav")
+    stereo = np.repeat(load_audio(str(SPEECH / "quiet.opus"))[:32000, None] * 30, 2, axis=1)
+    files["44k-stereo"] = write_audio(base / "speech-44k.wav", _to_rate(stereo, 44100), 44100, "wav")
+    files["silence"] = SPEECH / "silence.flac"
     empty = base / "empty.wav"
     empty.write_bytes(b"")
     files["empty"] = empty
     return files
+
+
+def _to_rate(samples: np.ndarray, rate: int) -> np.ndarray:
+    import soxr
+
+    return soxr.resample(samples, 16000, rate).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +158,11 @@ def test_python_client_flow(worker: Worker, assets: dict[str, Path]) -> None:
         assert result.language == "en"
         # AAC and Opus encoders add up to one codec frame of priming/padding (64 ms at 16 kHz).
         assert result.duration == pytest.approx(2.0, abs=0.07), name
+        # Voice activity detection is on by default: the one segment spans the speech, not the leading silence.
+        assert len(result.segments) == 1 and result.segments[0].start >= 0.1e9, name
+
+    silent = worker.stub.AudioTranscription(backend_pb2.TranscriptRequest(dst=str(assets["silence"])), timeout=60)
+    assert (silent.text, list(silent.segments), silent.duration) == ("", [], 30.0)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +290,7 @@ def test_sigterm_exits_zero_during_a_request(assets: dict[str, Path]) -> None:
     proc = Worker()
     try:
         proc.wait_healthy()
-        assert _load(proc, assets, "max_new_tokens:1500").success
+        assert _load(proc, assets, "max_new_tokens:1500", "vad:off").success  # a long request: the tone is heard
         pending = proc.stub.AudioTranscription.future(
             backend_pb2.TranscriptRequest(dst=str(assets["long"])), timeout=60
         )

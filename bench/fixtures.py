@@ -109,6 +109,77 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
+SPEECH_FIXTURES = ROOT / "tests" / "fixtures" / "speech"
+
+
+def utterances() -> list[np.ndarray]:
+    """The clean espeak-ng utterances of the committed speech fixtures (tests/fixtures/speech, cut at the places
+    its layout.json names), each levelled to -20 dBFS RMS."""
+    from qwen_asr_worker.audio import load_audio
+
+    layout = json.loads((SPEECH_FIXTURES / "layout.json").read_text(encoding="utf-8"))
+    pieces = []
+    for name in ("gap.opus", "late.opus", "quiet.opus"):
+        samples = load_audio(str(SPEECH_FIXTURES / name))
+        for start, end in layout[name]["speech"]:
+            piece = samples[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+            pieces.append((piece / np.sqrt(np.mean(piece**2)) * 0.1).astype(np.float32))
+    return pieces
+
+
+def real_speech(seconds: float, seed: int, *, talk: float = 0.0, pause: float = 0.0) -> np.ndarray:
+    """Real speech: the fixture utterances in random order with 0.2-1.2 s between them (a talker's pauses).
+
+    With `talk` and `pause`, `talk` seconds of that alternate with `pause` seconds of near-silence (-80 dBFS
+    noise, a quiet room), starting with talk. A 1e-4 noise floor lies under everything."""
+    rng = np.random.default_rng(seed)
+    pieces = utterances()
+    total = int(seconds * SAMPLE_RATE)
+    out = (1e-4 * rng.standard_normal(total)).astype(np.float32)
+    pos, block_end = 0, int(talk * SAMPLE_RATE) if talk else total
+    while pos < total:
+        piece = pieces[int(rng.integers(len(pieces)))]
+        if pos + len(piece) > block_end:  # this talk block is full: skip the pause, start the next block
+            if block_end >= total:
+                break
+            pos = block_end + int(pause * SAMPLE_RATE)
+            block_end = pos + int(talk * SAMPLE_RATE)
+            continue
+        end = min(total, pos + len(piece))
+        out[pos:end] += piece[: end - pos]
+        pos = end + int(rng.uniform(0.2, 1.2) * SAMPLE_RATE)
+    return out
+
+
+def quiet_room(seconds: float, seed: int) -> np.ndarray:
+    """No speech: a -80 dBFS noise floor, as a quiet room records."""
+    return (1e-4 * np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+def pink_noise(seconds: float, seed: int, rms: float = 0.02) -> np.ndarray:
+    """Steady pink noise (a fan, a busy room) at the given RMS."""
+    n = int(seconds * SAMPLE_RATE)
+    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
+    spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
+    spectrum[0] = 0
+    noise = np.fft.irfft(spectrum, n)
+    return (noise / np.sqrt(np.mean(noise**2)) * rms).astype(np.float32)
+
+
+def make_audio(name: str, samples_fn: Any) -> Path:
+    """Write (once) the 16 kHz 16-bit mono WAV `samples_fn()` returns, cached by `name`."""
+    import soundfile as sf
+
+    path = clip_path(name)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.wav")
+    sf.write(str(tmp), np.clip(samples_fn(), -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
+    tmp.replace(path)
+    return path
+
+
 def clip_path(name: str) -> Path:
     """Where a generated clip is cached."""
     return CACHE / "audio" / f"{name}.wav"

@@ -7,8 +7,9 @@ number in the table comes from a scenario process run by this invocation (`bench
 estimated. Results: `bench/results/latest.md` (the table) and `bench/results/latest.json` (raw results).
 
 Quick mode (`--quick`, `make bench-quick`) takes fewer repetitions, a smaller `max_new_tokens`, bf16 only for
-figures 2, 3 and 6, and for the long-audio figure a reduced-depth model (full widths, 4+4 layers) on 20 min vs
-3 min; full mode runs the real thing (full model, 60 min vs 3 min, both dtypes).
+figures 2, 3 and 6, and for the long-audio and voice-activity figures a reduced-depth model (full widths, 4+4
+layers) on 20 min vs 3 min and on 6 and 3 min files; full mode runs the real thing (full model, 60 min vs 3 min,
+both dtypes; 20 and 10 min files for voice activity).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from bench import fixtures
 
 GIB = 2**30
+VAD_TOKENS_PER_SECOND = 2.7  # what real speech decodes to (issue 11); figure 9's windows generate that many
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Config:
     quiet_wait_s: float
     omp_wait_policy: str
     worker_options: tuple[str, ...]
+    vad_model: str = "asr"
+    vad_minutes: float = 20.0
+    vad_quiet_minutes: float = 10.0
     only: frozenset[int] = field(default_factory=frozenset)
 
     def wants(self, figure: int) -> bool:
@@ -59,8 +64,8 @@ def make_config(args: argparse.Namespace) -> Config:
     """Quick or full settings from the command line."""
     threads = args.threads or fixtures.cores()
     only = frozenset(int(x) for x in args.only.split(",")) if args.only else frozenset()
-    if not only <= set(range(1, 9)):
-        raise SystemExit(f"--only takes figure numbers 1-8, got {args.only!r}")
+    if not only <= set(range(1, 10)):
+        raise SystemExit(f"--only takes figure numbers 1-9, got {args.only!r}")
     omp = "" if args.omp_wait_policy.lower() == "default" else args.omp_wait_policy.upper()
     # What differs between the modes; everything else comes from the command line.
     mode: dict[str, Any] = (
@@ -74,6 +79,9 @@ def make_config(args: argparse.Namespace) -> Config:
             idle_dtypes=("bf16",),
             long_model="asr_reduced",
             long_minutes=20.0,
+            vad_model="asr_reduced",
+            vad_minutes=6.0,
+            vad_quiet_minutes=3.0,
         )
         if args.quick
         else dict(
@@ -216,7 +224,7 @@ def _cpu_share(other_cpu_s: float, wall_s: float) -> float:
 def rows_for(results: dict[str, Any], config: Config) -> list[Row]:
     """Turn the scenario results into table rows (only for figures that ran)."""
     rows: list[Row] = []
-    for builder in (_fig1, _fig2_3, _fig4, _fig5, _fig6, _fig7, _fig8):
+    for builder in (_fig1, _fig2_3, _fig4, _fig5, _fig6, _fig7, _fig8, _fig9):
         try:
             rows.extend(builder(results, config))
         except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError) as exc:
@@ -475,6 +483,74 @@ def _fig8(r: dict[str, Any], c: Config) -> list[Row]:
     ]
 
 
+def _fig9(r: dict[str, Any], c: Config) -> list[Row]:
+    rows = []
+    model = "full 0.6B" if c.vad_model == "asr" else "reduced-depth 0.6B (full widths, 4+4 layers)"
+    tokens = f"{VAD_TOKENS_PER_SECOND} tokens per second of window"
+    on, off = r.get("vad_half_on"), r.get("vad_half_off")
+    if on and off:
+        wo, wf = on["request_s"], off["request_s"]
+        note = (
+            f"{c.vad_minutes:g} min, 60 s of talk then 60 s of quiet, repeated; windows {on['windows']} vs "
+            f"{off['windows']}; VAD {secs(on['vad_s'])}; {model}; decode {tokens}"
+        )
+        rows.append(
+            Row(
+                "9a. Wall time, half-speech file: VAD on vs off",
+                secs(wo),
+                secs(wf),
+                wo / wf,
+                "≤ 0.6",
+                _met(wo / wf, 0.6),
+                note,
+            )
+        )
+        po, pf = on["peak_rss"], off["peak_rss"]
+        rows.append(
+            Row(
+                "9e. Peak RSS, half-speech file: VAD on vs off",
+                gib(po),
+                gib(pf),
+                po / pf,
+                "≤ 1.05",
+                _met(po / pf, 1.05),
+                f"RSS before {gib(on['rss_before'])} vs {gib(off['rss_before'])}",
+            )
+        )
+    for kind, label in (("silence", "silence (-80 dBFS room noise)"), ("noise", "steady pink noise (-34 dBFS)")):
+        on, off = r.get(f"vad_{kind}_on"), r.get(f"vad_{kind}_off")
+        if on and off:
+            wo, wf = on["request_s"], off["request_s"]
+            letter = "b" if kind == "silence" else "c"
+            rows.append(
+                Row(
+                    f"9{letter}. Wall time, {c.vad_quiet_minutes:g} min of {label}: VAD on vs off",
+                    secs(wo),
+                    secs(wf),
+                    wo / wf,
+                    "≤ 0.05",
+                    _met(wo / wf, 0.05),
+                    f"windows {on['windows']} vs {off['windows']}; text {on['text_chars']} vs {off['text_chars']} "
+                    f"characters; VAD {secs(on['vad_s'])}",
+                )
+            )
+    speech = r.get("vad_speech_on")
+    if speech:
+        share = speech["vad_s"] / speech["request_s"]
+        rows.append(
+            Row(
+                f"9d. VAD's own time on {c.vad_minutes:g} min of speech, share of its transcription",
+                secs(speech["vad_s"]),
+                secs(speech["request_s"]),
+                share,
+                "≤ 0.02",
+                _met(share, 0.02),
+                f"windows {speech['windows']}; {model}; decode {tokens}",
+            )
+        )
+    return rows
+
+
 def header(info: dict[str, Any], config: Config, auto_dtype: str | None) -> str:
     """The machine line above the table."""
     device = config.device
@@ -501,7 +577,9 @@ def render(rows: list[Row], info: dict[str, Any], config: Config, wall_s: float,
         "",
         f"Checkpoints: random-weight Qwen3-ASR-0.6B dims (untied lm_head, hand-wired to say a 29-word sentence) and "
         f"Qwen3-ForcedAligner-0.6B dims, stored bf16. max_new_tokens {config.max_new_tokens} everywhere "
-        f"(generation always runs to it). Clips: generated 10-s speech-like noise, 16 kHz WAV. "
+        f"(generation always runs to it), except figure 9 ({VAD_TOKENS_PER_SECOND} per second of window, "
+        f"`max_tokens_per_second`). Clips: generated 10-s speech-like noise, 16 kHz WAV, heard whole (`vad:off`); "
+        f"figure 9: real speech built from the committed espeak-ng fixtures, quiet room, pink noise. "
         f"Each scenario ran in a fresh process; RSS read after a warm-up request. Run took {wall_s / 60:.1f} min.",
         "",
         "| figure | ours | alternative | ratio | goal | met? | notes |",
@@ -527,6 +605,21 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
     if config.wants(7):
         for name, minutes in (("long", config.long_minutes), ("short", config.short_minutes)):
             paths[name] = str(fixtures.make_clip(f"speech_{minutes:g}min", minutes * 60.0, seed=100))
+    if config.wants(9):
+        if config.vad_model != "asr" and config.vad_model not in kinds:
+            runner.run("build_vad", "build", {"kinds": [config.vad_model]}, timeout=3600)
+            paths[config.vad_model] = str(fixtures.checkpoint_path(config.vad_model))
+        talk, quiet = config.vad_minutes * 60.0, config.vad_quiet_minutes * 60.0
+        clips = {
+            "vad_warmup": lambda: fixtures.real_speech(10.0, seed=1),
+            "vad_half": lambda: fixtures.real_speech(talk, seed=2, talk=60.0, pause=60.0),
+            "vad_speech": lambda: fixtures.real_speech(talk, seed=3),
+            "vad_silence": lambda: fixtures.quiet_room(quiet, seed=4),
+            "vad_noise": lambda: fixtures.pink_noise(quiet, seed=5),
+        }
+        for name, make in clips.items():
+            minutes = {"vad_warmup": 10 / 60, "vad_silence": quiet / 60, "vad_noise": quiet / 60}.get(name, talk / 60)
+            paths[name] = str(fixtures.make_audio(f"{name}_{minutes:g}min", make))
     return paths
 
 
@@ -580,6 +673,24 @@ def plan(config: Config, paths: dict[str, str]) -> list[tuple[str, str, dict[str
                 "warmup_clip": paths["clip0"],
             }
             steps.append((f"long_{name}", "long_audio", params))
+    if config.wants(9):
+        vad_common = {
+            **common,
+            "asr": paths[config.vad_model],
+            "dtype": "auto",
+            "max_new_tokens": 1024,
+            "extra_options": [f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
+            "warmup_clip": paths["vad_warmup"],
+        }
+        for clip, sides in (
+            ("half", ("on", "off")),
+            ("silence", ("on", "off")),
+            ("noise", ("on", "off")),
+            ("speech", ("on",)),
+        ):
+            for side in sides:
+                params = {**vad_common, "clip": paths[f"vad_{clip}"], "vad": side}
+                steps.append((f"vad_{clip}_{side}", "voice_activity", params))
     return steps
 
 

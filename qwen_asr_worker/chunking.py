@@ -11,6 +11,10 @@ silence) the longest run wins, and the cut goes to its middle, away from the spe
 
 The last window keeps whatever remains, but never less than `_MIN_LAST_SECONDS` when the search range allows:
 a sliver of a few milliseconds after the final cut would be transcribed (and aligned) on its own for nothing.
+
+With voice activity detection on, `plan_speech_windows` tiles each speech region (see `vad`) the same way instead
+of the whole file: the long silences between regions are never sent to the model, and every window still has its
+place on the file's timeline, so times reported inside it need only its offset.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio import SAMPLE_RATE
+from .vad import SpeechRegion
 
 _SMOOTH_MS = 100.0  # frame energies are averaged over 100 ms: shorter dips are not pauses
 _MIN_LAST_SECONDS = 1.0
@@ -28,10 +33,20 @@ _TIE_TOLERANCE = 1e-3  # energies within 0.1 % of the minimum count as equally q
 
 @dataclass(frozen=True)
 class Window:
-    """A slice `[start, end)` of the 16 kHz samples."""
+    """A slice `[start, end)` of the 16 kHz samples; where voice activity detection ran, speech lies in
+    `[speech_start, speech_end)` (else the whole window counts)."""
 
     start: int
     end: int
+    speech_start: int | None = None
+    speech_end: int | None = None
+
+    @property
+    def speech_seconds(self) -> tuple[float, float]:
+        """Where the speech in this window starts and ends in the file, in seconds."""
+        start = self.start if self.speech_start is None else self.speech_start
+        end = self.end if self.speech_end is None else self.speech_end
+        return start / SAMPLE_RATE, end / SAMPLE_RATE
 
     @property
     def offset_seconds(self) -> float:
@@ -85,6 +100,23 @@ def plan_windows(
         windows.append(Window(start, cut if cut > start else limit))
         start = windows[-1].end
     windows.append(Window(start, total))
+    return windows
+
+
+def plan_speech_windows(
+    samples: np.ndarray, regions: list[SpeechRegion], *, max_seconds: float = 180.0, search_seconds: float = 5.0
+) -> list[Window]:
+    """Windows over the speech regions only: each region is one window, or, when longer than `max_seconds`,
+    is tiled by `plan_windows` (cuts at the quietest points). Nothing outside the regions is covered; no regions
+    give no windows. Each window records the span of speech it holds."""
+    windows: list[Window] = []
+    for region in regions:
+        for piece in plan_windows(
+            samples[region.start : region.end], max_seconds=max_seconds, search_seconds=search_seconds
+        ):
+            start, end = region.start + piece.start, region.start + piece.end
+            speech_start = min(max(start, region.speech_start), end)
+            windows.append(Window(start, end, speech_start, max(speech_start, min(end, region.speech_end))))
     return windows
 
 

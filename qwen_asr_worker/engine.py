@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 import time
 import unicodedata
@@ -25,10 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import models, runtime, torch_state
+from . import models, runtime, torch_state, vad
 from .audio import SAMPLE_RATE, load_audio
 from .batcher import AsrBatcher, AsrJob
-from .chunking import Window, plan_windows
+from .chunking import Window, plan_speech_windows, plan_windows
 from .errors import Cancelled, ModelIdentityMismatch, NotReady
 from .languages import detected_to_iso, to_iso
 from .options import WorkerOptions
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_WINDOW_SAMPLES = SAMPLE_RATE // 2  # the model needs half a second; shorter windows are padded with silence
+PROMPT_TOKENS = 16  # room for the "language X<asr_text>" prefix the model writes before the transcript
 _POLL_S = 0.05
 
 
@@ -146,6 +148,7 @@ class LoadedModel:
         if asr is None:
             raise NotReady("the model was unloaded while this request waited; call LoadModel again")
         self.windows_transcribed += len(jobs)
+        asr.max_new_tokens = self.token_budget(max(len(job.samples) for job in jobs))  # one batcher thread
         with torch_state.forward_pass():
             results = asr.transcribe(
                 audio=[(job.samples, SAMPLE_RATE) for job in jobs],
@@ -155,6 +158,15 @@ class LoadedModel:
             )
         runtime.trim_heap()
         return [(r.language, r.text) for r in results]
+
+    def token_budget(self, samples: int) -> int:
+        """How many tokens a batch whose longest window has `samples` may generate: `max_new_tokens`, or less
+        with `max_tokens_per_second` (a window cannot hold more speech than its length allows)."""
+        opts = self.spec.options
+        if opts.max_tokens_per_second <= 0:
+            return opts.max_new_tokens
+        per_audio = math.ceil(opts.max_tokens_per_second * samples / SAMPLE_RATE)
+        return max(1, min(opts.max_new_tokens, PROMPT_TOKENS + per_audio))
 
     # --- the aligner ----------------------------------------------------------------------------------
     @property
@@ -402,13 +414,15 @@ class _Run:
         self.want_timestamps = request.granularity is not Granularity.NONE
 
     def events(self) -> Iterator[str | Transcription]:
+        started = time.perf_counter()
         if self.want_timestamps and not self.opts.timestamps_enabled:
             self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
         samples = load_audio(self.request.path)
         duration = len(samples) / SAMPLE_RATE
-        windows = plan_windows(samples, max_seconds=self.opts.chunk_seconds)
+        windows = plan_request(samples, self.opts)
         text = ""
         languages: list[str] = []
+        pieces: list[tuple[Window, str]] = []
         words: list[Word] = []
         aligner = None
         try:
@@ -418,10 +432,11 @@ class _Run:
                 if self.want_timestamps and aligner is None:
                     aligner = self.model.acquire_aligner()  # loads while the batcher runs the ASR
                 results = self._wait_all(futures)
-                for language, piece in results:
+                for window, (language, piece) in zip(group, results, strict=True):
                     languages.append(language)
                     delta = _joiner(text, piece) + piece if piece else ""
                     text += delta
+                    pieces.append((window, piece))
                     if self.progressive and delta:
                         yield delta
                 if aligner is not None:
@@ -429,10 +444,32 @@ class _Run:
         finally:
             if aligner is not None:
                 self.model.release_aligner()
-        yield self._result(text, languages, words, duration)
+        result = self._result(text, languages, words, duration, pieces)
+        self._log(result, windows, time.perf_counter() - started)
+        yield result
+
+    def _log(self, result: Transcription, windows: list[Window], elapsed: float) -> None:
+        """One line per finished request: what was heard, what was skipped, how fast."""
+        skipped = ""
+        if self.opts.vad:
+            heard = sum(w.duration_seconds for w in windows)
+            skipped = f", {max(0.0, result.duration - heard):.1f} s skipped (no speech)"
+        log.info(
+            "transcribed %.1f s of audio in %d window%s%s; timestamps %s; %.2f s wall, %.1fx realtime; language %s",
+            result.duration,
+            len(windows),
+            "" if len(windows) == 1 else "s",
+            skipped,
+            self.request.granularity.value,
+            elapsed,
+            result.duration / elapsed if elapsed > 0 else 0.0,
+            result.language or "-",
+        )
 
     def _groups(self, windows: list[Window]) -> Iterator[list[Window]]:
         """All windows at once, or for a stream the first alone (an early first delta), then batches."""
+        if not windows:
+            return
         if not self.progressive:
             yield windows
             return
@@ -489,15 +526,39 @@ class _Run:
             words.extend(Word(it.text, it.start_time + offset, it.end_time + offset) for it in result.items)
         return words
 
-    def _result(self, text: str, languages: list[str], words: list[Word], duration: float) -> Transcription:
+    def _result(
+        self,
+        text: str,
+        languages: list[str],
+        words: list[Word],
+        duration: float,
+        pieces: list[tuple[Window, str]],
+    ) -> Transcription:
         language = to_iso(self.request.language) if self.request.language else detected_to_iso(",".join(languages))
         if self.want_timestamps:
             segments = build_segments(text, words, duration, max_segment_seconds=self.opts.max_segment_seconds)
+        elif self.opts.vad:  # one segment per window, from its first to its last speech
+            segments = [
+                Segment(text=piece, start=w.speech_seconds[0], end=w.speech_seconds[1], words=())
+                for w, piece in pieces
+                if piece.strip()
+            ]
         elif text:
             segments = [Segment(text=text, start=0.0, end=duration, words=())]
         else:
             segments = []
         return Transcription(text, language, duration, tuple(segments), self.request.granularity)
+
+
+def plan_request(samples: np.ndarray, opts: WorkerOptions) -> list[Window]:
+    """The windows a request sends to the model: the whole file, or with voice activity detection only its speech.
+
+    The same with and without timestamps, streamed or not: they depend on the audio and the options alone.
+    """
+    if not opts.vad:
+        return plan_windows(samples, max_seconds=opts.chunk_seconds)
+    regions = vad.detect_speech(samples, opts.vad_settings)
+    return plan_speech_windows(samples, regions, max_seconds=opts.chunk_seconds)
 
 
 def _pad(samples: np.ndarray) -> np.ndarray:

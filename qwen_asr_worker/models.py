@@ -7,6 +7,7 @@ a checkpoint of another kind fails with a message that says which, instead of a 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import torch_state
+from . import runtime, torch_state
 from .errors import InvalidRequest, shown
 
 if TYPE_CHECKING:
@@ -153,14 +154,37 @@ def load_asr(
             **_placement(device, dtype),
         )
     model.model.eval()
+    _set_pad_token(model.model)
     log.info(
-        "loaded Qwen3-ASR %s on %s as %s in %.2f s",
+        "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB)",
         path,
         device,
         str(dtype).removeprefix("torch."),
         time.perf_counter() - started,
+        runtime.module_bytes(model.model) / 2**30,
+        runtime.rss_bytes() / 2**30,
     )
     return model
+
+
+def _set_pad_token(model: torch.nn.Module) -> None:
+    """Give the decoder's generation config the pad token transformers would otherwise pick on every call.
+
+    qwen-asr's `generate` passes its end-of-sequence ids explicitly; with no pad token configured, transformers
+    warns "Setting pad_token_id to eos_token_id" on every request. Setting the same id once at load silences
+    that warning without hiding any other."""
+    thinker = getattr(model, "thinker", model)
+    config = getattr(thinker, "generation_config", None)
+    if config is None or config.pad_token_id is not None:
+        return
+    eos = config.eos_token_id
+    if eos is None:
+        parameter = inspect.signature(type(model).generate).parameters.get("eos_token_id")
+        eos = parameter.default if parameter is not None else None
+    if isinstance(eos, list | tuple):
+        eos = eos[0] if eos else None
+    if isinstance(eos, int):
+        config.pad_token_id = eos
 
 
 def load_aligner(path: str, *, device: str, dtype: torch.dtype, attn_implementation: str) -> Qwen3ForcedAligner:
@@ -175,11 +199,13 @@ def load_aligner(path: str, *, device: str, dtype: torch.dtype, attn_implementat
         )
     aligner.model.eval()
     log.info(
-        "attached Qwen3-ForcedAligner %s on %s as %s in %.2f s",
+        "attached Qwen3-ForcedAligner %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB)",
         path,
         device,
         str(dtype).removeprefix("torch."),
         time.perf_counter() - started,
+        runtime.module_bytes(aligner.model) / 2**30,
+        runtime.rss_bytes() / 2**30,
     )
     return aligner
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .vad import VadSettings
+
 DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
 MAX_CHUNK_SECONDS = 180.0  # Qwen3-ForcedAligner's input limit; windows never exceed it.
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -37,6 +39,7 @@ class WorkerOptions:
 
     torch_dtype: str = "auto"
     max_new_tokens: int = 1024
+    max_tokens_per_second: float = 0.0
     max_inference_batch_size: int = 8
     attn_implementation: str = "sdpa"
     device: str = "auto"
@@ -49,6 +52,15 @@ class WorkerOptions:
     max_batch_size: int = 8
     max_batch_seconds: float = MAX_CHUNK_SECONDS
     batch_window_ms: float = 10.0
+    vad: bool = True
+    vad_min_silence_seconds: float = 2.0
+    vad_pad_seconds: float = 0.4
+    vad_threshold: float = 0.5
+
+    @property
+    def vad_settings(self) -> VadSettings:
+        """The voice activity detection settings."""
+        return VadSettings(self.vad_threshold, self.vad_min_silence_seconds, self.vad_pad_seconds)
 
     @property
     def timestamps_enabled(self) -> bool:
@@ -71,9 +83,11 @@ def _parse_int(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _parse_float(low: float, high: float | None = None, *, open_low: bool = False) -> Callable[[str], float]:
+def _parse_float(
+    low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False
+) -> Callable[[str], float]:
     bound = f"> {low:g}" if open_low else f">= {low:g}"
-    expected = f"a number {bound}" + (f" and <= {high:g}" if high is not None else "")
+    expected = f"a number {bound}" + (f" and {'<' if open_high else '<='} {high:g}" if high is not None else "")
 
     def parse(text: str) -> float:
         try:
@@ -81,7 +95,8 @@ def _parse_float(low: float, high: float | None = None, *, open_low: bool = Fals
         except ValueError:
             raise ValueError(expected) from None
         too_low = value <= low if open_low else value < low
-        if value != value or too_low or (high is not None and value > high):  # NaN fails too
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if value != value or too_low or too_high:  # NaN fails too
             raise ValueError(expected)
         return value
 
@@ -110,6 +125,13 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("true or false")
 
 
+def _parse_on_off(text: str) -> bool:
+    try:
+        return _parse_bool(text)
+    except ValueError:
+        raise ValueError("on or off") from None
+
+
 def _parse_aligner(text: str) -> str | None:
     return None if text.lower() in ("none", "off", "false", "disabled") else text
 
@@ -128,6 +150,7 @@ def _parse_device(text: str) -> str:
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "torch_dtype": _parse_choice(DTYPES, _DTYPE_ALIASES),
     "max_new_tokens": _parse_int(1, 32768),
+    "max_tokens_per_second": _parse_float(0.0, 1000.0),
     "max_inference_batch_size": _parse_int(1, 256),
     "attn_implementation": _parse_choice(ATTN_IMPLEMENTATIONS),
     "device": _parse_device,
@@ -140,6 +163,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_batch_size": _parse_int(1, 256),
     "max_batch_seconds": _parse_float(10.0),
     "batch_window_ms": _parse_float(0.0, 10_000.0),
+    "vad": _parse_on_off,
+    "vad_min_silence_seconds": _parse_float(0.0, 600.0, open_low=True),
+    "vad_pad_seconds": _parse_float(0.0, 10.0),
+    "vad_threshold": _parse_float(0.0, 1.0, open_low=True, open_high=True),
 }
 _ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}
 assert set(_PARSERS) == {f.name for f in fields(WorkerOptions)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -55,20 +56,20 @@ def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc} (see the worker log)"
 
 
-def _abort(exc: Exception, context: grpc.ServicerContext) -> Any:
+def _abort(exc: Exception, context: grpc.ServicerContext, rpc: str, started: float) -> Any:
     code, message = _status_for(exc, context)
-    if code is not grpc.StatusCode.INTERNAL:
-        log.info("%s: %s", code.name, message)
+    log.info("%s failed after %.2f s with %s: %s", rpc, time.perf_counter() - started, code.name, message)
     context.abort(code, message)
 
 
 def _unary(handler: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(handler)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        started = time.perf_counter()
         try:
             return handler(self, request, context)
         except Exception as exc:
-            return _abort(exc, context)
+            return _abort(exc, context, handler.__name__, started)
 
     return wrapper
 
@@ -76,10 +77,11 @@ def _unary(handler: Callable[..., T]) -> Callable[..., T]:
 def _streaming(handler: Callable[..., Iterable[T]]) -> Callable[..., Iterator[T]]:
     @functools.wraps(handler)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        started = time.perf_counter()
         try:
             yield from handler(self, request, context)
         except Exception as exc:
-            _abort(exc, context)
+            _abort(exc, context, handler.__name__, started)
 
     return wrapper
 

@@ -18,6 +18,8 @@ def test_defaults() -> None:
     assert opts.forced_aligner == DEFAULT_ALIGNER
     assert opts.timestamps_enabled
     assert opts.chunk_seconds == 180.0
+    assert opts.vad is True
+    assert (opts.vad_min_silence_seconds, opts.vad_pad_seconds, opts.vad_threshold) == (2.0, 0.4, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,11 @@ def test_defaults() -> None:
         ("max_batch_size:16", "max_batch_size", 16),
         ("batch_window_ms:0", "batch_window_ms", 0.0),
         (" max_new_tokens : 77 ", "max_new_tokens", 77),
+        ("vad:off", "vad", False),
+        ("vad:ON", "vad", True),
+        ("vad_min_silence_seconds:0.5", "vad_min_silence_seconds", 0.5),
+        ("vad_pad_seconds:0", "vad_pad_seconds", 0.0),
+        ("vad_threshold:0.3", "vad_threshold", 0.3),
     ],
 )
 def test_values_are_typed(item: str, field: str, expected: object) -> None:
@@ -64,6 +71,11 @@ def test_values_are_typed(item: str, field: str, expected: object) -> None:
         ("preload_aligner:maybe", "expected true or false"),
         ("attn_implementation:magic", "one of sdpa, eager, flash_attention_2"),
         ("device:tpu", "auto, cpu, cuda, cuda:N or mps"),
+        ("vad:sometimes", "expected on or off"),
+        ("vad_threshold:1", "expected a number > 0 and < 1"),
+        ("vad_threshold:0", "expected a number > 0 and < 1"),
+        ("vad_min_silence_seconds:0", "expected a number > 0 and <= 600"),
+        ("vad_pad_seconds:-1", "expected a number >= 0 and <= 10"),
         ("no_colon", "is not of the form key:value"),
         (":", "has no key"),
         (":value", "has no key"),
