@@ -1,32 +1,49 @@
 # The two commands a newcomer needs: `make run` (serve) and `make test` (pass the tests).
-# A bare `make` installs (LocalAI's backend build runs a bare `make`).
+# A bare `make` installs (LocalAI's backend build runs a bare `make`, with the hardware in the environment).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Where torch comes from. The default is PyTorch's CPU-only index; for a CUDA build, e.g.
-#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# or TORCH_INDEX_URL= (empty) to take whatever PyPI serves for your platform.
-TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+# Which torch build gets installed: tools/torch_build.py reads it from the table tools/torch-builds.txt, chosen by
+# BUILD_TYPE (empty or cpu, cublas, hipblas, intel, l4t, mps), CUDA_MAJOR_VERSION (12 or 13, for cublas and l4t)
+# and BUILD_PROFILE, as LocalAI sets them; e.g.
+#   BUILD_TYPE=cublas CUDA_MAJOR_VERSION=12 make
+# TORCH_INDEX_URL=URL overrides the index (TORCH_INDEX_URL= for PyPI's default). An unknown BUILD_TYPE fails with
+# the list of known ones. The choice is recorded in $(TORCH_BUILD), rewritten only when it changes, so switching
+# builds reruns the install (which then reinstalls torch).
+TORCH_BUILD := $(VENV)/.torch-build
 STAMP := $(VENV)/.installed
 STUBS := backend_pb2.py backend_pb2_grpc.py
 ADDR ?= 127.0.0.1:50051
 BENCH_ARGS ?=
 
-.PHONY: all install protogen run test lint bench bench-quick clean
+.PHONY: all install install-steps protogen run test lint bench bench-quick clean FORCE
 
 all: install
 
 install: $(STAMP) $(STUBS)
 
-$(STAMP): requirements.txt requirements-nodeps.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch alone from its index (no deps: those come from PyPI with the rest, without asking that index again)
-	$(PY) -m pip install --quiet --no-deps "$(TORCH_PIN)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+$(TORCH_BUILD): FORCE
+	@$(PYTHON) tools/torch_build.py record $@
+
+FORCE:
+
+# If any step fails, the half-made venv goes, so the next make starts again from nothing (never from a venv that
+# only looks done).
+$(STAMP): requirements.txt requirements-nodeps.txt $(TORCH_BUILD)
+	@$(MAKE) --no-print-directory install-steps || \
+	  { echo "make: install failed; removed $(VENV), so the next make starts again" >&2; rm -rf $(VENV); exit 1; }
 	touch $@
+
+# The install's steps, for $(STAMP) to run. torch first, from the build's index: tools/torch_build.py prints the
+# build it chose and why, and if pip fails, the index, the build and the fix. Then the rest from PyPI, with torch
+# pinned to the build's version.
+install-steps:
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PYTHON) tools/torch_build.py install --python $(PY) --record $(VENV)/.torch-installed
+	$(PYTHON) tools/torch_build.py requirements > $(VENV)/requirements-build.txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements-build.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 
 protogen: $(STUBS)
 
