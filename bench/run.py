@@ -64,8 +64,8 @@ def make_config(args: argparse.Namespace) -> Config:
     """Quick or full settings from the command line."""
     threads = args.threads or fixtures.cores()
     only = frozenset(int(x) for x in args.only.split(",")) if args.only else frozenset()
-    if not only <= set(range(1, 10)):
-        raise SystemExit(f"--only takes figure numbers 1-9, got {args.only!r}")
+    if not only <= set(range(1, 14)):
+        raise SystemExit(f"--only takes figure numbers 1-13, got {args.only!r}")
     omp = "" if args.omp_wait_policy.lower() == "default" else args.omp_wait_policy.upper()
     # What differs between the modes; everything else comes from the command line.
     mode: dict[str, Any] = (
@@ -146,7 +146,13 @@ class Runner:
         }
         started = time.perf_counter()
         print(f"[{self.count:2d}] {key} ...", end="", flush=True, file=sys.stderr)
-        result = fixtures.run_scenario(scenario, {**base, **params}, log_path=self.logs / f"{key}.log", timeout=timeout)
+        result = fixtures.run_scenario(
+            scenario,
+            {**base, **params},
+            log_path=self.logs / f"{key}.log",
+            timeout=timeout,
+            omp_wait_policy=self.config.omp_wait_policy,
+        )
         result["other_load_before"] = load
         elapsed = time.perf_counter() - started
         print(f" {elapsed:.0f} s", file=sys.stderr, flush=True)
@@ -224,7 +230,7 @@ def _cpu_share(other_cpu_s: float, wall_s: float) -> float:
 def rows_for(results: dict[str, Any], config: Config) -> list[Row]:
     """Turn the scenario results into table rows (only for figures that ran)."""
     rows: list[Row] = []
-    for builder in (_fig1, _fig2_3, _fig4, _fig5, _fig6, _fig7, _fig8, _fig9):
+    for builder in (_fig1, _fig2_3, _fig4, _fig5, _fig6, _fig7, _fig8, _fig9, _fig10_11, _fig12, _fig13):
         try:
             rows.extend(builder(results, config))
         except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError) as exc:
@@ -551,6 +557,98 @@ def _fig9(r: dict[str, Any], c: Config) -> list[Row]:
     return rows
 
 
+def _fig10_11(r: dict[str, Any], c: Config) -> list[Row]:
+    bw = r.get("bandwidth")
+    modes = {m: r.get(f"decode_{m}") for m in ("stock", "fast", "int8")}
+    rows: list[Row] = []
+    if bw and modes["stock"]:
+        gbps = bw["gb_per_s"]
+        for mode, label, goal in (("fast", "bf16", 1.6), ("int8", "int8", 1.6), ("stock", "bf16, stock path", None)):
+            d = modes[mode]
+            if not d:
+                continue
+            floor = d["decoder_bytes"] / (gbps * 1e9) * 1000
+            ratio = d["ms_per_token"] / floor
+            note = f"decoder {d['decoder_bytes'] / 1e9:.2f} GB / {gbps:.1f} GB/s (torch.sum, 2 GiB, best of 5)"
+            if mode != "stock":
+                note += f"; {modes['stock']['ms_per_token'] / d['ms_per_token']:.2f}x faster than stock"
+            rows.append(
+                Row(
+                    f"10. Decode ms/token at batch 1, {label}: vs the bandwidth floor",
+                    f"{d['ms_per_token']:.1f} ms",
+                    f"{floor:.1f} ms",
+                    ratio,
+                    f"≤ {goal}" if goal else "-",
+                    _met(ratio, goal) if goal else None,
+                    _join(note, "" if d.get("text_ok") else "transcript mismatch!"),
+                )
+            )
+    stock = modes["stock"]
+    for mode in ("fast", "int8"):
+        d = modes[mode]
+        if not (d and stock):
+            continue
+        for clip in ("clip10", "clip30"):
+            o, a = d[f"prefill_{clip}_s"], stock[f"prefill_{clip}_s"]
+            rows.append(
+                Row(
+                    f"11. Encoder + prefill, {clip.removeprefix('clip')}-s clip, {mode} vs stock",
+                    secs(o),
+                    secs(a),
+                    o / a,
+                    "≤ 0.85" if mode == "fast" else "-",
+                    _met(o / a, 0.85) if mode == "fast" else None,
+                    "first token only (max_new_tokens 1), best of the reps",
+                )
+            )
+        ro, ra = d["rss_after_warmup"], stock["rss_after_warmup"]
+        rows.append(
+            Row(f"11. RSS after warm-up, {mode} vs stock", gib(ro), gib(ra), ro / ra, "≤ 1.1", _met(ro / ra, 1.1))
+        )
+    return rows
+
+
+def _fig12(r: dict[str, Any], c: Config) -> list[Row]:
+    f = r.get("int8_fidelity")
+    if not f:
+        return []
+    rows = []
+    for mode, label in (("fast", "packed bf16"), ("int8", "int8")):
+        m = f[mode]
+        rows.append(
+            Row(
+                f"12. Greedy agreement with stock bf16, {label} (scripted checkpoint)",
+                f"{100 * m['agreement']:.1f} %",
+                f"{m['tokens']} tokens",
+                m["agreement"],
+                "= 1 (same math)" if mode == "fast" else "-",
+                m["agreement"] == 1.0 if mode == "fast" else None,
+                f"logit relative error mean {m['logit_rel_error_mean']:.2e}, max {m['logit_rel_error_max']:.2e} "
+                f"(over the first {max(1, m['first_difference'])} steps); random weights: says nothing of accuracy",
+            )
+        )
+    return rows
+
+
+def _fig13(r: dict[str, Any], c: Config) -> list[Row]:
+    fast, stock = r.get("clients_fast"), r.get("clients_stock")
+    if not (fast and stock):
+        return []
+    wf, ws = median(fast["walls_s"]), median(stock["walls_s"])
+    return [
+        Row(
+            "13. Throughput, 8 concurrent 10-s clients: fast decode vs stock",
+            f"{fast['audio_s'] / wf:.2f}× realtime",
+            f"{stock['audio_s'] / ws:.2f}× realtime",
+            ws / wf,
+            "≥ 1.4",
+            _met(ws / wf, 1.4, at_most=False),
+            f"walls {[round(w, 1) for w in fast['walls_s']]} vs {[round(w, 1) for w in stock['walls_s']]} s; "
+            f"decode {VAD_TOKENS_PER_SECOND} tokens per second of audio",
+        )
+    ]
+
+
 def header(info: dict[str, Any], config: Config, auto_dtype: str | None) -> str:
     """The machine line above the table."""
     device = config.device
@@ -605,6 +703,8 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
     if config.wants(7):
         for name, minutes in (("long", config.long_minutes), ("short", config.short_minutes)):
             paths[name] = str(fixtures.make_clip(f"speech_{minutes:g}min", minutes * 60.0, seed=100))
+    if config.wants(10) or config.wants(11) or config.wants(12):
+        paths["clip30"] = str(fixtures.make_clip("clip30", 30.0, seed=30))
     if config.wants(9):
         if config.vad_model != "asr" and config.vad_model not in kinds:
             runner.run("build_vad", "build", {"kinds": [config.vad_model]}, timeout=3600)
@@ -691,6 +791,25 @@ def plan(config: Config, paths: dict[str, str]) -> list[tuple[str, str, dict[str
             for side in sides:
                 params = {**vad_common, "clip": paths[f"vad_{clip}"], "vad": side}
                 steps.append((f"vad_{clip}_{side}", "voice_activity", params))
+    decode_common = {**common, "dtype": "bf16", "clip10": paths["clip0"], "clip30": paths.get("clip30", "")}
+    if config.wants(10) or config.wants(11):
+        steps.append(("bandwidth", "bandwidth", {}))
+        for mode in ("stock", "fast", "int8"):
+            reps = 2 if config.quick else 3
+            steps.append((f"decode_{mode}", "decode", {**decode_common, "mode": mode, "reps": reps}))
+    if config.wants(12):
+        steps.append(("int8_fidelity", "int8_fidelity", decode_common))
+    if config.wants(13):
+        for side, option in (("stock", "fast_decode:off"), ("fast", "fast_decode:on")):
+            params = {
+                **common,
+                "dtype": "auto",
+                "max_new_tokens": 1024,
+                "clips": [paths[f"clip{i}"] for i in range(8)],
+                "extra_options": [option, f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
+                "reps": 1 if config.quick else 2,
+            }
+            steps.append((f"clients_{side}", "concurrent_clients", params))
     return steps
 
 
@@ -707,9 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--omp-wait-policy",
-        default="PASSIVE",
-        help="OMP_WAIT_POLICY for every scenario process (default PASSIVE: libgomp's spin-waiting collapses on a "
-        "shared CPU); 'default' leaves it unset",
+        default="default",
+        help="OMP_WAIT_POLICY for every scenario process: 'default' leaves it unset, as LocalAI runs the worker "
+        "(until 2026-11-27 this flag defaulted to PASSIVE but never reached the scenario processes: every figure so "
+        "far ran unset); PASSIVE makes libgomp's threads sleep between parallel regions, which costs small ops dearly",
     )
     parser.add_argument(
         "--worker-option",

@@ -598,6 +598,159 @@ def voice_activity(params: Params) -> Result:
     return out
 
 
+def _decoder_bytes(thinker: Any) -> int:
+    """Bytes one decode step must read: the decoder's linear weights and the output projection, as stored."""
+    from torch import nn
+
+    from qwen_asr_worker import fast_decode
+
+    total = 0
+    for module in {id(m): m for m in [*thinker.model.modules(), thinker.lm_head]}.values():
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, fast_decode.PackedLinear):
+            total += module.weight_bytes
+        elif isinstance(module, fast_decode.Int8Linear):
+            total += module.weight_int8.numel() + module.scale.numel() * module.scale.element_size()
+    return total
+
+
+def decode(params: Params) -> Result:
+    """Figures 10 and 11: decode ms/token at batch 1 and encoder+prefill time, for one decode path
+    (`stock`, `fast`, `int8`), through the worker's loader on the full-size checkpoint."""
+    from qwen_asr_worker import models
+
+    mode = params["mode"]
+    out: Result = {"mode": mode}
+    asr = models.load_asr(
+        params["asr"],
+        device=params.get("device", "cpu"),
+        dtype=_torch_dtype(params["dtype"], params.get("device", "cpu")),
+        attn_implementation="sdpa",
+        max_inference_batch_size=8,
+        max_new_tokens=8,
+        fast_decode=mode != "stock",
+        quantization="int8" if mode == "int8" else "none",
+    )
+    out["decoder_bytes"] = _decoder_bytes(asr.model.thinker)
+    clips = {name: fixtures.read_clip(Path(params[name])) for name in ("clip10", "clip30")}
+
+    def timed(name: str, tokens: int) -> float:
+        asr.max_new_tokens = tokens
+        started = time.perf_counter()
+        result = asr.transcribe(audio=[(clips[name], fixtures.SAMPLE_RATE)], language=[fixtures.LANGUAGE])
+        elapsed = time.perf_counter() - started
+        out.setdefault("texts", {})[f"{name}_{tokens}"] = result[0].text[:60]
+        return elapsed
+
+    timed("clip10", 8)
+    timed("clip30", 1)
+    gc.collect()
+    out["rss_after_warmup"] = rss_bytes()
+    reps = int(params.get("reps", 3))
+    for name in clips:
+        out[f"prefill_{name}_s"] = min(timed(name, 1) for _ in range(reps))
+    short, extra = 8, int(params.get("extra_tokens", 40))
+    t_short = min(timed("clip10", short) for _ in range(reps))
+    t_long = min(timed("clip10", short + extra) for _ in range(reps))
+    out["ms_per_token"] = (t_long - t_short) / extra * 1000
+    asr.max_new_tokens = 64
+    _check_text(
+        asr.transcribe(audio=[(clips["clip10"], fixtures.SAMPLE_RATE)], language=[fixtures.LANGUAGE])[0].text, out
+    )
+    return out
+
+
+def bandwidth(params: Params) -> Result:
+    """Read bandwidth: `torch.sum` over a 2 GiB tensor with the worker's thread count, best of 5."""
+    import torch
+
+    data = torch.ones(2**30, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return {"bytes": data.numel() * 2, "best_s": best, "gb_per_s": data.numel() * 2 / best / 1e9}
+
+
+def int8_fidelity(params: Params) -> Result:
+    """Figure 12: greedy agreement and logit error of int8 (and of the packed bf16 path) against the stock bf16
+    decode, on the scripted full-size checkpoint, teacher-free: each path generates on its own."""
+    import torch
+
+    from qwen_asr_worker import fast_decode, models
+
+    out: Result = {}
+    clip = fixtures.read_clip(Path(params["clip10"]))
+
+    def run(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        asr = models.load_asr(
+            params["asr"],
+            device="cpu",
+            dtype=torch.bfloat16,
+            attn_implementation="sdpa",
+            max_inference_batch_size=1,
+            max_new_tokens=64,
+            fast_decode=mode != "stock",
+            quantization="int8" if mode == "int8" else "none",
+        )
+        prompt = asr._build_text_prompt(context="", force_language=fixtures.LANGUAGE)
+        inputs = asr.processor(text=[prompt], audio=[clip], return_tensors="pt", padding=True)
+        inputs = inputs.to(asr.model.device).to(asr.model.dtype)
+        with torch.inference_mode():
+            result = asr.model.generate(**inputs, max_new_tokens=64, output_logits=True)
+        generated = result.sequences[0, inputs["input_ids"].shape[1] :]
+        return generated, torch.stack([step[0].float() for step in result.logits])
+
+    ref_ids, ref_logits = run("stock")
+    for mode in ("fast", "int8"):
+        ids, logits = run(mode)
+        n = min(len(ids), len(ref_ids))
+        same = (ids[:n] == ref_ids[:n]).float()
+        first_diff = int(torch.nonzero(same == 0)[0]) if bool((same == 0).any()) else n
+        k = max(1, first_diff)  # compare logits only while both saw the same prefix
+        rel = (logits[:k] - ref_logits[:k]).norm(dim=-1) / ref_logits[:k].norm(dim=-1)
+        out[mode] = {
+            "tokens": n,
+            "agreement": float(same.mean()),
+            "first_difference": first_diff,
+            "logit_rel_error_mean": float(rel.mean()),
+            "logit_rel_error_max": float(rel.max()),
+        }
+    out["int8_modules"] = fast_decode.Int8Linear.__name__
+    return out
+
+
+def concurrent_clients(params: Params) -> Result:
+    """Figure 13: 8 clients sending a 10-s clip each at once, worker with the given options; wall time."""
+    clips: list[str] = params["clips"]
+    out: Result = {"options": params.get("extra_options", [])}
+    worker = Worker()
+    worker.load(params, *params.get("extra_options", []))
+    _check_text(worker.transcribe(clips[0]).text, out)
+    audio_s = sum(len(fixtures.read_clip(Path(c))) for c in clips) / fixtures.SAMPLE_RATE
+    walls = []
+    for _ in range(int(params.get("reps", 1)) + 1):  # the first round warms up the batched shapes
+        barrier = threading.Barrier(len(clips))
+
+        def client(i: int, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            worker.transcribe(clips[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(clips))]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        walls.append(time.perf_counter() - started)
+    out["walls_s"] = walls[1:]
+    out["audio_s"] = audio_s
+    worker.close()
+    return out
+
+
 def build(params: Params) -> Result:
     """Build (or find cached) the checkpoints the run needs."""
     out: Result = {}
@@ -620,6 +773,10 @@ SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "idle_and_free": idle_and_free,
     "long_audio": long_audio,
     "voice_activity": voice_activity,
+    "decode": decode,
+    "bandwidth": bandwidth,
+    "int8_fidelity": int8_fidelity,
+    "concurrent_clients": concurrent_clients,
     "build": build,
     "machine": machine,
 }

@@ -317,6 +317,8 @@ class Engine:
             attn_implementation=opts.attn_implementation,
             max_inference_batch_size=opts.max_inference_batch_size,
             max_new_tokens=opts.max_new_tokens,
+            fast_decode=opts.fast_decode,
+            quantization=opts.quantization,
         )
         model = LoadedModel(spec, asr, device, dtype)
         if opts.preload_aligner and opts.timestamps_enabled:

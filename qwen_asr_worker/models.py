@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import fast_decode as fast_decode_path
 from . import runtime, torch_state
 from .errors import InvalidRequest, shown
 
@@ -138,8 +139,19 @@ def load_asr(
     attn_implementation: str,
     max_inference_batch_size: int,
     max_new_tokens: int,
+    fast_decode: bool = True,
+    quantization: str = "none",
 ) -> Qwen3ASRModel:
-    """Load the base Qwen3-ASR model only (no aligner), logging how long it took."""
+    """Load the base Qwen3-ASR model only (no aligner), logging how long it took.
+
+    With `fast_decode` (or `quantization:int8`), the decoder is switched to the fast CPU path (`fast_decode`),
+    which on other devices only trims the prefill logits; without, qwen-asr's stock path runs as is.
+    """
+    if quantization != "none" and device != "cpu":
+        raise InvalidRequest(
+            f"quantization:{quantization} is for decoding on a CPU, but the model loads on {device}; "
+            "remove the option, or set device:cpu"
+        )
     check_asr_checkpoint(path)
     from qwen_asr import Qwen3ASRModel
 
@@ -155,14 +167,18 @@ def load_asr(
         )
     model.model.eval()
     _set_pad_token(model.model)
+    decode = "stock decode (fast_decode:off)"
+    if fast_decode or quantization != "none":
+        decode = fast_decode_path.accelerate_decoder(model.model, device=device, dtype=dtype, quantization=quantization)
     log.info(
-        "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB)",
+        "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB); %s",
         path,
         device,
         str(dtype).removeprefix("torch."),
         time.perf_counter() - started,
         runtime.module_bytes(model.model) / 2**30,
         runtime.rss_bytes() / 2**30,
+        decode,
     )
     return model
 

@@ -25,6 +25,7 @@ _DTYPE_ALIASES = {
     "half": "fp16",
 }
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+QUANTIZATIONS = ("none", "int8")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -40,6 +41,8 @@ class WorkerOptions:
     torch_dtype: str = "auto"
     max_new_tokens: int = 1024
     max_tokens_per_second: float = 0.0
+    fast_decode: bool = True
+    quantization: str = "none"
     max_inference_batch_size: int = 8
     attn_implementation: str = "sdpa"
     device: str = "auto"
@@ -151,6 +154,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "torch_dtype": _parse_choice(DTYPES, _DTYPE_ALIASES),
     "max_new_tokens": _parse_int(1, 32768),
     "max_tokens_per_second": _parse_float(0.0, 1000.0),
+    "fast_decode": _parse_on_off,
+    "quantization": _parse_choice(QUANTIZATIONS),
     "max_inference_batch_size": _parse_int(1, 256),
     "attn_implementation": _parse_choice(ATTN_IMPLEMENTATIONS),
     "device": _parse_device,

@@ -96,7 +96,8 @@ def module_bytes(module: torch.nn.Module | None) -> int:
             continue
         seen.add(key)
         total += tensor.numel() * tensor.element_size()
-    return total
+    # Weights packed for oneDNN (fast_decode) are opaque tensors outside parameters(); they carry their size.
+    return total + sum(int(getattr(m, "weight_bytes", 0)) for m in module.modules())
 
 
 def rss_bytes() -> int:

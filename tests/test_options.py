@@ -50,6 +50,9 @@ def test_defaults() -> None:
         ("vad_min_silence_seconds:0.5", "vad_min_silence_seconds", 0.5),
         ("vad_pad_seconds:0", "vad_pad_seconds", 0.0),
         ("vad_threshold:0.3", "vad_threshold", 0.3),
+        ("fast_decode:off", "fast_decode", False),
+        ("quantization:INT8", "quantization", "int8"),
+        ("max_tokens_per_second:2.7", "max_tokens_per_second", 2.7),
     ],
 )
 def test_values_are_typed(item: str, field: str, expected: object) -> None:
@@ -72,6 +75,9 @@ def test_values_are_typed(item: str, field: str, expected: object) -> None:
         ("attn_implementation:magic", "one of sdpa, eager, flash_attention_2"),
         ("device:tpu", "auto, cpu, cuda, cuda:N or mps"),
         ("vad:sometimes", "expected on or off"),
+        ("quantization:int4", "expected one of none, int8"),
+        ("fast_decode:maybe", "expected on or off"),
+        ("max_tokens_per_second:-1", "expected a number >= 0 and <= 1000"),
         ("vad_threshold:1", "expected a number > 0 and < 1"),
         ("vad_threshold:0", "expected a number > 0 and < 1"),
         ("vad_min_silence_seconds:0", "expected a number > 0 and <= 600"),

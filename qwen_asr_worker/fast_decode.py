@@ -1,0 +1,378 @@
+"""Faster token-by-token decoding on CPU, with the same math as qwen-asr's stock transformers path.
+
+On a CPU a Qwen3-ASR request's time goes to decoding: every token reads the decoder's weights once (28 layers and
+the output projection, 1.19 GB in bf16), so the floor is memory bandwidth. The stock path runs well above it.
+Profiling one decode step showed where, and each change below removes one cause:
+
+* **Linear layers.** `F.linear` on bf16 weights runs a matrix-vector product at about 60 % of the bandwidth
+  oneDNN reaches with the same weights reordered into its blocked layout once ("prepacked"); the result is the same
+  to the bit. The decoder's linear layers (attention, MLP, output projection) are replaced by modules that hold
+  only the packed weight: the original tensor is released, and where it was memory-mapped from the checkpoint its
+  pages are handed back too, so memory does not double. The audio encoder, which runs once per window on many
+  frames, keeps its stock layers.
+* **Key/value cache.** transformers' dynamic cache appends each token with `torch.cat`, copying every layer's
+  whole cache every step. A cache that grows in place (capacity doubling) writes one position per step.
+* **Attention for one query.** For a single new token, transformers calls SDPA's flash kernel, whose fixed cost
+  per call is larger than the work: a plain grouped matmul-softmax-matmul (scores in bf16 like the kernel's inputs,
+  softmax in float32) is several times cheaper. Prompts (more than one query) still use SDPA.
+* **Prefill logits.** The output projection ran over every prompt position; generation reads only the last one.
+  It now sees the last position only (on every device: that part is not CPU-specific).
+
+Opt-in `quantization:int8` stores the decoder's linear weights as int8 with one float scale per output channel
+(symmetric, round to nearest) and multiplies with torch's weight-only int8 kernel: half the bytes per token. Its
+accuracy cannot be measured without the real weights; see the README.
+
+Everything here uses torch operators that are private (`torch.ops.mkldnn._linear_pointwise`,
+`aten._weight_int8pack_mm`); torch is pinned, and `accelerate_decoder` checks that they exist and work before it
+changes anything, falling back to the stock path with one log line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import runtime
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "qwen_asr_worker_decode"
+_GROWTH = 256  # spare key/value positions allocated beyond what a cache needs when it grows
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight is held only in oneDNN's packed layout (float32 or bfloat16)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = linear.bias
+        self.weight_bytes = linear.weight.numel() * linear.weight.element_size()  # opaque tensors have no size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T + b`, as `nn.Linear`."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed (oneDNN)"
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and one scale per output channel; activations stay in their dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer(
+            "weight_int8", torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        )
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ (q * scale).T + b`."""
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.dtype != self.scale.dtype:
+            flat = flat.to(self.scale.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears that always read the same input
+
+
+class _Group:
+    """Linear layers that are always called in a row on the same input (an attention block's q, k, v; an MLP's
+    gate and up): their weights are stacked into one packed matrix, so one call reads them all. Each member's call
+    returns its slice of that one product, computed when the first member sees a new input."""
+
+    def __init__(self, linears: list[nn.Linear], factory: Callable[[nn.Linear], nn.Module]) -> None:
+        self.sizes = [linear.out_features for linear in linears]
+        self.linear = factory(_linear(torch.cat([linear.weight.detach() for linear in linears])))
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._input is not x:
+            self._outputs = self.linear(x).split(self.sizes, dim=-1)
+            self._input = x
+        out = self._outputs[index]
+        if index == len(self.sizes) - 1:
+            self._input, self._outputs = None, ()
+        return out
+
+
+class _Member(nn.Module):
+    """One linear layer of a `_Group`, standing where the original was."""
+
+    def __init__(self, group: _Group, index: int) -> None:
+        super().__init__()
+        self.group, self.index = group, index
+        self.fused = group.linear  # registered, so the packed weight shows in the module tree
+        self.out_features = group.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This member's slice of the group's product."""
+        return self.group.output(x, self.index)
+
+
+def kernels_available(dtype: torch.dtype, quantization: str) -> str:
+    """Why the fast path cannot run here ("" when it can): each private operator is tried on a tiny input and
+    must match `F.linear`."""
+    weight = torch.randn(8, 16).to(dtype)
+    x = torch.randn(2, 16).to(dtype)
+    expected = torch.nn.functional.linear(x, weight)
+    try:
+        if quantization == "int8":
+            got = Int8Linear(_linear(weight))(x)
+            tolerance = 0.05 * float(expected.abs().max()) + 1e-3
+        else:
+            got = PackedLinear(_linear(weight))(x)
+            tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'missing operator'}"
+    if got.shape != expected.shape or float((got.float() - expected.float()).abs().max()) > tolerance:
+        return "the packed kernel's result differs from F.linear"
+    return ""
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def accelerate_decoder(model: nn.Module, *, device: str, dtype: torch.dtype, quantization: str = "none") -> str:
+    """Apply the fast decode path to a loaded `Qwen3ASRForConditionalGeneration` in place; return what was done.
+
+    On CPU: packed (or int8) decoder linears, the in-place key/value cache and single-query attention. On every
+    device: prefill logits for the last position only. Raises nothing: if the operators are missing or wrong,
+    the stock path stays and the reason is returned (and logged).
+    """
+    thinker = model.thinker
+    try:
+        return _accelerate(thinker, device, dtype, quantization)
+    finally:  # on whatever output projection is in place by then
+        thinker.lm_head.register_forward_pre_hook(_last_position)
+
+
+def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantization: str) -> str:
+    if device != "cpu":
+        return "stock decode (not a CPU); prefill logits for the last position only"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"stock decode ({dtype} has no packed CPU kernel); prefill logits for the last position only"
+    problem = kernels_available(dtype, quantization)
+    if problem:
+        log.warning("fast CPU decode unavailable (%s); using the stock transformers path", problem)
+        return f"stock decode ({problem})"
+    factory: Callable[[nn.Linear], nn.Module] = Int8Linear if quantization == "int8" else PackedLinear
+    mapped = _mapped_ranges()
+    replaced: list[nn.Linear] = []
+    for owner in list(thinker.model.modules()):
+        for names in _FUSED:
+            members = [getattr(owner, name, None) for name in names]
+            if all(isinstance(m, nn.Linear) and m.bias is None for m in members):
+                group = _Group(members, factory)  # type: ignore[arg-type]
+                for index, name in enumerate(names):
+                    setattr(owner, name, _Member(group, index))
+                replaced += members  # type: ignore[arg-type]
+        for name, child in list(owner.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(owner, name, factory(child))
+                replaced.append(child)
+    head = thinker.lm_head
+    if head.weight is not thinker.model.embed_tokens.weight or _in_ranges(head.weight, mapped):
+        # A tied output projection shares the embedding matrix; packing it is free only when its pages can go back.
+        thinker.lm_head = factory(head)
+        replaced.append(head)
+    released = sum(_release(linear.weight) for linear in replaced if _in_ranges(linear.weight, mapped))
+    del replaced
+    runtime.trim_heap()  # the stacked copies made while packing
+    _install_decode_attention(thinker)
+    _install_growing_cache(thinker)
+    kind = "int8 per-channel" if quantization == "int8" else "oneDNN-packed"
+    return (
+        f"fast CPU decode: {kind} decoder linears ({released / 2**20:.0f} MiB of mapped checkpoint pages returned), "
+        "in-place key/value cache, single-query attention, last-position prefill logits"
+    )
+
+
+def _last_position(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook on the output projection: only the last position's logits are ever read."""
+    hidden = args[0]
+    if hidden.dim() == 3 and hidden.shape[1] > 1:
+        return (hidden[:, -1:, :], *args[1:])
+    return args
+
+
+# --- handing back the pages of mapped weights ------------------------------------------------------------------
+_MADV_DONTNEED = 4
+
+
+def _release(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a tensor memory-mapped from a checkpoint file. The mapping is private and
+    unmodified, so the kernel would re-read the pages from the file if anything touched them again (a tied
+    embedding looking up a row); nothing else does. Returns the bytes released."""
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
+        return 0
+    return end - start
+
+
+def _mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process that map a safetensors file (from /proc/self/maps)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                    low, high = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((low, high))
+    except OSError:
+        return []
+    return ranges
+
+
+def _in_ranges(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    if tensor.device.type != "cpu":
+        return False
+    address = tensor.data_ptr()
+    return any(low <= address < high for low, high in ranges)
+
+
+# --- attention for a single query --------------------------------------------------------------------------
+def _install_decode_attention(thinker: nn.Module) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _decode_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    config = thinker.model.config
+    if config._attn_implementation == "sdpa":
+        config._attn_implementation = ATTENTION
+
+
+def _decode_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Grouped-query attention for one new token per sequence; anything else goes to transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()
+    scores *= scaling if scaling is not None else dim**-0.5
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :length].reshape(batch, 1, 1, length)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probabilities, value)  # (batch, kv_heads, group, dim)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+# --- a key/value cache that grows in place ---------------------------------------------------------------------
+def _install_growing_cache(thinker: nn.Module) -> None:
+    from transformers.cache_utils import DynamicCache
+
+    generate = thinker.generate
+
+    def generate_with_growing_cache(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None:
+            cache = DynamicCache()
+            cache.layer_class_to_replicate = _growing_layer_class()
+            kwargs["past_key_values"] = cache
+        return generate(*args, **kwargs)
+
+    thinker.generate = generate_with_growing_cache
+
+
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A dynamic cache layer that writes new positions into spare capacity instead of concatenating."""
+
+        def lazy_initialization(self, key_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states)
+            self._key_buffer: torch.Tensor | None = None
+            self._value_buffer: torch.Tensor | None = None
+            self._length = 0
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states)
+            new = key_states.shape[-2]
+            end = self._length + new
+            if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+                self._grow(key_states, value_states, end + max(_GROWTH, end))
+            assert self._key_buffer is not None and self._value_buffer is not None
+            first = self._length == 0
+            self._key_buffer[:, :, self._length : end] = key_states
+            self._value_buffer[:, :, self._length : end] = value_states
+            self._length = end
+            self.keys = self._key_buffer[:, :, :end]
+            self.values = self._value_buffer[:, :, :end]
+            if first:  # the prompt: SDPA's fast kernels want contiguous inputs, and these are the same values
+                return key_states, value_states
+            return self.keys, self.values
+
+        def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+            def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+                shape = (*like.shape[:-2], capacity, like.shape[-1])
+                buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+                if old is not None and self._length:
+                    buffer[:, :, : self._length] = old[:, :, : self._length]
+                return buffer
+
+            self._key_buffer = bigger(self._key_buffer, key_states)
+            self._value_buffer = bigger(self._value_buffer, value_states)
+
+        def _materialize(self) -> None:
+            """After an operation that replaced `keys`/`values` (crop, batch selection), restart from them."""
+            self._key_buffer, self._value_buffer = self.keys.contiguous(), self.values.contiguous()
+            self._length = self.keys.shape[-2]
+
+        def crop(self, max_length: int) -> None:
+            super().crop(max_length)
+            self._materialize()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            self._materialize()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            super().batch_select_indices(indices)
+            self._materialize()
+
+    return GrowingLayer

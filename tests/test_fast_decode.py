@@ -1,0 +1,174 @@
+"""The fast CPU decode path: the same greedy tokens as qwen-asr's stock path, its pieces, and its fallback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qwen_asr_worker import fast_decode, models
+from qwen_asr_worker.errors import InvalidRequest
+from qwen_asr_worker.testing.checkpoints import build_asr_checkpoint
+from tests.audio_fixtures import speech_like
+from tests.conftest import SENTENCE, Harness
+
+LONG = "Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa"
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint that says a longer sentence (more decode steps, a cache that must grow)."""
+    return build_asr_checkpoint(tmp_path_factory.mktemp("fast") / "asr", sentence=LONG)
+
+
+def _load(path: Path, dtype: torch.dtype, *, fast: bool, quantization: str = "none", tokens: int = 300) -> Any:
+    return models.load_asr(
+        str(path),
+        device="cpu",
+        dtype=dtype,
+        attn_implementation="sdpa",
+        max_inference_batch_size=8,
+        max_new_tokens=tokens,
+        fast_decode=fast,
+        quantization=quantization,
+    )
+
+
+def _generate(model: Any, clips: list[np.ndarray], contexts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Transcribe and return the texts and the generated token ids (prompt included)."""
+    seen: list[torch.Tensor] = []
+    generate = model.model.generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        out = generate(*args, **kwargs)
+        seen.append(out.sequences)
+        return out
+
+    model.model.generate = recording
+    try:
+        results = model.transcribe(audio=[(c, 16000) for c in clips], context=contexts)
+    finally:
+        model.model.generate = generate
+    return [r.text for r in results], torch.cat(seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_tokens_identical_to_the_stock_path(long_checkpoint: Path, dtype: torch.dtype) -> None:
+    # Two clips of different lengths and contexts in one batch: padding, so the attention mask is exercised too.
+    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
+    contexts = ["", "a much longer context that pads the other prompt"]
+    stock_texts, stock_ids = _generate(_load(long_checkpoint, dtype, fast=False), clips, contexts)
+    fast = _load(long_checkpoint, dtype, fast=True)
+    assert any(isinstance(m, fast_decode.PackedLinear) for m in fast.model.modules())
+    fast_texts, fast_ids = _generate(fast, clips, contexts)
+    assert stock_texts == fast_texts == [LONG, LONG]
+    assert stock_ids.shape[1] > 300  # the cache grew past its first capacity (prompt + 256)
+    assert torch.equal(stock_ids, fast_ids)
+
+
+def test_int8_says_the_same_and_halves_the_decoder(long_checkpoint: Path) -> None:
+    clip = [speech_like(4.0, seed=3)]
+    stock = _load(long_checkpoint, torch.bfloat16, fast=False)
+    int8 = _load(long_checkpoint, torch.bfloat16, fast=True, quantization="int8")
+    assert any(isinstance(m, fast_decode.Int8Linear) for m in int8.model.modules())
+    stock_texts, stock_ids = _generate(stock, clip, [""])
+    int8_texts, int8_ids = _generate(int8, clip, [""])
+    assert int8_texts == stock_texts == [LONG]
+    assert torch.equal(int8_ids, stock_ids)  # the scripted wiring has wide margins; real weights may differ
+    layer = next(m for m in int8.model.modules() if isinstance(m, fast_decode.Int8Linear))
+    assert layer.weight_int8.dtype == torch.int8 and layer.scale.shape == (layer.out_features,)
+
+
+def test_missing_kernels_fall_back_to_the_stock_path(
+    long_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def missing(*args: object) -> None:
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+    with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
+        model = _load(long_checkpoint, torch.bfloat16, fast=True)
+    warnings = [r.getMessage() for r in caplog.records if "fast CPU decode unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "_reorder_linear_weight" in warnings[0]
+    assert not any(isinstance(m, fast_decode.PackedLinear) for m in model.model.modules())
+    assert isinstance(model.model.thinker.lm_head, nn.Linear)
+    assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
+
+
+def test_other_devices_keep_the_stock_path_but_trim_prefill_logits() -> None:
+    model = _TinyThinkerHolder()
+    note = fast_decode.accelerate_decoder(model, device="cuda", dtype=torch.bfloat16)
+    assert note.startswith("stock decode (not a CPU)")
+    assert isinstance(model.thinker.lm_head, nn.Linear)
+    hidden = torch.randn(2, 5, 8)
+    assert model.thinker.lm_head(hidden).shape == (2, 1, 3)  # only the last position's logits
+    assert model.thinker.lm_head(hidden[:, :1]).shape == (2, 1, 3)
+
+
+class _TinyThinkerHolder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.thinker = nn.Module()
+        self.thinker.lm_head = nn.Linear(8, 3, bias=False)
+
+
+def test_int8_is_refused_off_the_cpu(long_checkpoint: Path) -> None:
+    with pytest.raises(InvalidRequest, match=r"quantization:int8 is for decoding on a CPU.*device:cpu"):
+        models.load_asr(
+            str(long_checkpoint),
+            device="cuda",
+            dtype=torch.bfloat16,
+            attn_implementation="sdpa",
+            max_inference_batch_size=1,
+            max_new_tokens=8,
+            quantization="int8",
+        )
+
+
+def test_growing_cache_returns_what_concatenation_returns() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    growing, plain = fast_decode._growing_layer_class()(), DynamicLayer()
+    torch.manual_seed(0)
+    for new in (300, 1, 1, 255, 1, 400, 1):  # crosses the first capacity (300 + 300) and a later one
+        key, value = torch.randn(2, 3, new, 4), torch.randn(2, 3, new, 4)
+        got, expected = growing.update(key, value), plain.update(key, value)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert growing.get_seq_length() == plain.get_seq_length() == 959
+    growing.crop(100)
+    plain.crop(100)
+    key, value = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    assert torch.equal(growing.update(key, value)[0], plain.update(key, value)[0])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_single_query_attention_matches_sdpa(masked: bool) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = nn.Module()
+    module.num_key_value_groups = 4
+    module.is_causal = True
+    torch.manual_seed(1)
+    query, key, value = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+        mask[0, :, :, :7] = False  # left padding in the first sequence
+    got, _ = fast_decode._decode_attention(module, query, key, value, mask, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (2, 1, 8, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_status_counts_packed_weights(harness: Harness, checkpoints: dict[str, Path], audio: dict) -> None:
+    sizes = {}
+    for fast in ("off", "on"):
+        assert harness.load(checkpoints["asr"], f"fast_decode:{fast}").success
+        assert harness.transcribe(audio["wav"]).text == SENTENCE
+        sizes[fast] = harness.status().memory.breakdown["base_model_weights"]
+    assert sizes["on"] == sizes["off"] > 0
