@@ -537,7 +537,7 @@ def long_audio(params: Params) -> Result:
     """Figure 7: peak RSS across one long file through the worker, after a warm-up 10-s request."""
     out: Result = {"dtype": params["dtype"], "clip": params["clip"], "asr": params["asr"]}
     worker = Worker()
-    worker.load(params)
+    worker.load(params, *params.get("extra_options", []))
     _check_text(worker.transcribe(params["warmup_clip"]).text, out)
     current = worker.engine.current
     before_windows = current.windows_transcribed
@@ -704,6 +704,34 @@ def int8_fidelity(params: Params) -> Result:
         return generated, torch.stack([step[0].float() for step in result.logits])
 
     ref_ids, ref_logits = run("stock")
+    # The scripted wiring zeroes most of the decoder (the output projections, most of lm_head), so whole-model
+    # agreement is exact by construction. The layers it leaves random say more: each one's output error.
+    from torch import nn
+
+    torch.manual_seed(0)
+    errors = []
+    stock = models.load_asr(
+        params["asr"],
+        device="cpu",
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        max_inference_batch_size=1,
+        max_new_tokens=8,
+        fast_decode=False,
+    )
+    rounding = []
+    for module in stock.model.thinker.model.modules():
+        if isinstance(module, nn.Linear) and bool(module.weight.any()):
+            x = torch.randn(16, module.in_features, dtype=torch.bfloat16)
+            exact = torch.nn.functional.linear(x.float(), module.weight.float())
+            for into, got in (
+                (errors, fast_decode.Int8Linear(module)(x)),
+                (rounding, torch.nn.functional.linear(x, module.weight)),  # what bf16 itself costs, for scale
+            ):
+                into.append(float((got.float() - exact).norm() / exact.norm()))
+    out["layer_rel_error"] = {"layers": len(errors), "mean": sum(errors) / len(errors), "max": max(errors)}
+    out["bf16_layer_rel_error"] = sum(rounding) / len(rounding)
+    del stock
     for mode in ("fast", "int8"):
         ids, logits = run(mode)
         n = min(len(ids), len(ref_ids))

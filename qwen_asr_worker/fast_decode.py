@@ -11,7 +11,10 @@ Profiling one decode step showed where, and each change below removes one cause:
   pages are handed back too, so memory does not double. The audio encoder, which runs once per window on many
   frames, keeps its stock layers.
 * **Key/value cache.** transformers' dynamic cache appends each token with `torch.cat`, copying every layer's
-  whole cache every step. A cache that grows in place (capacity doubling) writes one position per step.
+  whole cache every step. A cache that grows in place (capacity doubling) writes one position per step. It holds
+  float32 (bf16 values are exact in it): oneDNN's bf16 matmul would copy the strided view of the buffer every
+  step, which costs time and, as the copies grow step by step, fragments the heap (a long window's decode climbed
+  by gigabytes); the float32 matmul reads it in place.
 * **Attention for one query.** For a single new token, transformers calls SDPA's flash kernel, whose fixed cost
   per call is larger than the work: a plain grouped matmul-softmax-matmul (scores in bf16 like the kernel's inputs,
   softmax in float32) is several times cheaper. Prompts (more than one query) still use SDPA.
@@ -285,10 +288,11 @@ def _decode_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1 or query.device.type != "cpu":
+        key, value = key.to(query.dtype), value.to(query.dtype)  # the in-place cache holds float32
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
+    grouped = query.view(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float()
     scores *= scaling if scaling is not None else dim**-0.5
     if attention_mask is not None:
@@ -296,7 +300,7 @@ def _decode_attention(
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probabilities, value)  # (batch, kv_heads, group, dim)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+    return out.to(query.dtype).reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
 # --- a key/value cache that grows in place ---------------------------------------------------------------------
@@ -313,6 +317,16 @@ def _install_growing_cache(thinker: nn.Module) -> None:
         return generate(*args, **kwargs)
 
     thinker.generate = generate_with_growing_cache
+
+
+def _cache_dtype(like: torch.Tensor) -> torch.dtype:
+    """float32 for a CPU cache: oneDNN's bf16 batched matmul copies a strided view of the buffer (the first
+    positions of each head) into a fresh tensor every call, one growing allocation per layer per step, while the
+    float32 matmul reads the view in place. bf16 values are exact in float32, and the attention is computed in
+    float32 from them, as SDPA's kernel does internally."""
+    if like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return like.dtype
 
 
 def _growing_layer_class() -> type:
@@ -350,7 +364,7 @@ def _growing_layer_class() -> type:
         def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
             def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
                 shape = (*like.shape[:-2], capacity, like.shape[-1])
-                buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+                buffer = torch.empty(shape, dtype=_cache_dtype(like), device=like.device)
                 if old is not None and self._length:
                     buffer[:, :, : self._length] = old[:, :, : self._length]
                 return buffer
