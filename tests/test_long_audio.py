@@ -108,7 +108,7 @@ def test_the_heap_is_trimmed_after_every_model_call(
     file (the bench measures the effect on full-size models)."""
     from qwen_asr_worker import runtime
 
-    _load(harness, checkpoints, "preload_aligner:true")
+    _load(harness, checkpoints, "preload_aligner:true", "max_batch_seconds:180")
     trims: list[float] = []
     monkeypatch.setattr(runtime, "trim_heap", lambda: trims.append(time.monotonic()))
     batches = harness.engine.current.batcher.batch_sizes
@@ -117,3 +117,14 @@ def test_the_heap_is_trimmed_after_every_model_call(
     asr_calls = sum(batches.values()) - before
     assert asr_calls == 4  # one 180-s window per call (max_batch_seconds)
     assert len(trims) == asr_calls + 1  # and the alignment call
+
+
+def test_a_long_files_windows_decode_together_by_default(
+    harness: Harness, checkpoints: dict[str, Path], ten_minutes: Path
+) -> None:
+    """max_batch_seconds defaults to four full windows: a 10-minute file's four windows share one model call."""
+    _load(harness, checkpoints)
+    batches = harness.engine.current.batcher.batch_sizes
+    before = dict(batches)
+    assert harness.transcribe(ten_minutes).text == " ".join([SENTENCE] * 4)
+    assert {size: n - before.get(size, 0) for size, n in batches.items() if n - before.get(size, 0)} == {4: 1}
