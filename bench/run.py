@@ -27,7 +27,7 @@ from typing import Any
 from bench import fixtures
 
 GIB = 2**30
-DEFAULT_MAX_BATCH_SECONDS = 720  # the worker's default (options.py), marked in figure 14
+DEFAULT_MAX_BATCH_SECONDS = 360  # the worker's default (options.py), marked in figure 14
 VAD_TOKENS_PER_SECOND = 2.7  # what real speech decodes to (issue 11); figure 9's windows generate that many
 
 

@@ -16,8 +16,9 @@ Profiling one decode step showed where, and each change below removes one cause:
   step, which costs time and, as the copies grow step by step, fragments the heap (a long window's decode climbed
   by gigabytes); the float32 matmul reads it in place.
 * **Attention for one query.** For a single new token, transformers calls SDPA's flash kernel, whose fixed cost
-  per call is larger than the work: a plain grouped matmul-softmax-matmul (scores in bf16 like the kernel's inputs,
-  softmax in float32) is several times cheaper. Prompts (more than one query) still use SDPA.
+  per call is larger than the work: a plain grouped matmul-softmax-matmul in float32 (from the float32 cache) is
+  several times cheaper. Prompts (more than one query) still use SDPA. With `attn_implementation:eager` neither
+  this nor the in-place cache is used.
 * **Prefill logits.** The output projection ran over every prompt position; generation reads only the last one.
   It now sees the last position only (on every device: that part is not CPU-specific).
 
@@ -162,8 +163,9 @@ def accelerate_decoder(model: nn.Module, *, device: str, dtype: torch.dtype, qua
     """Apply the fast decode path to a loaded `Qwen3ASRForConditionalGeneration` in place; return what was done.
 
     On CPU: packed (or int8) decoder linears, the in-place key/value cache and single-query attention. On every
-    device: prefill logits for the last position only. Raises nothing: if the operators are missing or wrong,
-    the stock path stays and the reason is returned (and logged).
+    device: prefill logits for the last position only. If the operators are missing or wrong (checked on a tiny
+    input first), the stock path stays and the reason is returned and logged; an error while converting after that
+    check propagates, and LoadModel reports it.
     """
     thinker = model.thinker
     try:
@@ -197,19 +199,25 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
                 setattr(owner, name, factory(child))
                 replaced.append(child)
     head = thinker.lm_head
-    if head.weight is not thinker.model.embed_tokens.weight or _in_ranges(head.weight, mapped):
+    tied = head.weight is thinker.model.embed_tokens.weight
+    if not tied or _in_ranges(head.weight, mapped):
         # A tied output projection shares the embedding matrix; packing it is free only when its pages can go back.
         thinker.lm_head = factory(head)
+        if tied and isinstance(thinker.lm_head, PackedLinear):
+            thinker.lm_head.weight_bytes = 0  # Status counts the matrix once, as the embedding's parameter
         replaced.append(head)
     released = sum(_release(linear.weight) for linear in replaced if _in_ranges(linear.weight, mapped))
     del replaced
     runtime.trim_heap()  # the stacked copies made while packing
-    _install_decode_attention(thinker)
-    _install_growing_cache(thinker)
+    attention = "in-place key/value cache, single-query attention"
+    if _install_decode_attention(thinker):
+        _install_growing_cache(thinker)  # its float32 buffers are for our attention, which reads them in place
+    else:
+        attention = f"{thinker.model.config._attn_implementation} attention and cache as they were"
     kind = "int8 per-channel" if quantization == "int8" else "oneDNN-packed"
     return (
         f"fast CPU decode: {kind} decoder linears ({released / 2**20:.0f} MiB of mapped checkpoint pages returned), "
-        "in-place key/value cache, single-query attention, last-position prefill logits"
+        f"{attention}, last-position prefill logits"
     )
 
 
@@ -263,15 +271,19 @@ def _in_ranges(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
 
 
 # --- attention for a single query --------------------------------------------------------------------------
-def _install_decode_attention(thinker: nn.Module) -> None:
+def _install_decode_attention(thinker: nn.Module) -> bool:
+    """Route the decoder's attention through `_decode_attention` (SDPA for prompts); only when it was SDPA:
+    `attn_implementation:eager` keeps transformers' eager attention (and the stock cache). Returns whether done."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    config = thinker.model.config
+    if config._attn_implementation not in ("sdpa", ATTENTION):
+        return False
     AttentionInterface.register(ATTENTION, _decode_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    config = thinker.model.config
-    if config._attn_implementation == "sdpa":
-        config._attn_implementation = ATTENTION
+    config._attn_implementation = ATTENTION
+    return True
 
 
 def _decode_attention(
@@ -309,10 +321,14 @@ def _install_growing_cache(thinker: nn.Module) -> None:
 
     generate = thinker.generate
 
+    layer_class = _growing_layer_class()
+
     def generate_with_growing_cache(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None:
+        beams = kwargs.get("num_beams") or getattr(thinker.generation_config, "num_beams", 1) or 1
+        if kwargs.get("past_key_values") is None and beams == 1:  # beam search reorders caches: stock path
+            spare = int(kwargs.get("max_new_tokens") or _GROWTH) + 1
             cache = DynamicCache()
-            cache.layer_class_to_replicate = _growing_layer_class()
+            cache.layer_class_to_replicate = lambda: layer_class(spare)  # called with no arguments, per layer
             kwargs["past_key_values"] = cache
         return generate(*args, **kwargs)
 
@@ -333,7 +349,13 @@ def _growing_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
-        """A dynamic cache layer that writes new positions into spare capacity instead of concatenating."""
+        """A dynamic cache layer that writes new positions into spare capacity instead of concatenating. The first
+        allocation holds the prompt and `spare` more positions (generation's token budget), so a normal request
+        never grows it; past that, capacity doubles."""
+
+        def __init__(self, spare: int = _GROWTH) -> None:
+            super().__init__()
+            self._spare = spare
 
         def lazy_initialization(self, key_states: torch.Tensor) -> None:
             super().lazy_initialization(key_states)
@@ -348,7 +370,9 @@ def _growing_layer_class() -> type:
                 self.lazy_initialization(key_states)
             new = key_states.shape[-2]
             end = self._length + new
-            if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            if self._key_buffer is None:
+                self._grow(key_states, value_states, end + self._spare)
+            elif end > self._key_buffer.shape[-2]:
                 self._grow(key_states, value_states, end + max(_GROWTH, end))
             assert self._key_buffer is not None and self._value_buffer is not None
             first = self._length == 0
@@ -373,9 +397,22 @@ def _growing_layer_class() -> type:
             self._value_buffer = bigger(self._value_buffer, value_states)
 
         def _materialize(self) -> None:
-            """After an operation that replaced `keys`/`values` (crop, batch selection), restart from them."""
+            """After an operation that replaced `keys`/`values` (crop, batch selection, reset), restart from them."""
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                self._key_buffer = self._value_buffer = None
+                self._length = 0
+                return
             self._key_buffer, self._value_buffer = self.keys.contiguous(), self.values.contiguous()
             self._length = self.keys.shape[-2]
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            super().reorder_cache(beam_idx)
+            self._materialize()
+
+        def reset(self) -> None:
+            super().reset()
+            if self.is_initialized:
+                self._length = 0
 
         def crop(self, max_length: int) -> None:
             super().crop(max_length)

@@ -53,7 +53,7 @@ class WorkerOptions:
     max_segment_seconds: float = 30.0
     chunk_seconds: float = MAX_CHUNK_SECONDS
     max_batch_size: int = 8
-    max_batch_seconds: float = 4 * MAX_CHUNK_SECONDS  # four full windows of a long file decode together
+    max_batch_seconds: float = 2 * MAX_CHUNK_SECONDS  # two full windows of a long file decode together
     batch_window_ms: float = 10.0
     vad: bool = True
     vad_min_silence_seconds: float = 2.0

@@ -435,3 +435,22 @@ def test_an_unknown_build_type_fails_the_install_and_keeps_a_working_venv(projec
     assert (project.venv / ".installed").is_file()
     assert project.make().returncode == 0
     assert project.log() == before
+
+
+def test_a_plain_make_keeps_the_venvs_gpu_build(tmp_path: Path) -> None:
+    """After `BUILD_TYPE=cublas make`, `make run` (no hardware variables) keeps CUDA torch instead of going back to
+    the CPU build; naming a build type still switches."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_build", ROOT / "tools" / "torch_build.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules["torch_build"] = tool  # dataclasses look their module up there
+    spec.loader.exec_module(tool)
+    rows = tool.read_table()
+    recorded = tmp_path / ".torch-build"
+    recorded.write_text(tool.choose({"BUILD_TYPE": "cublas", "CUDA_MAJOR_VERSION": "13"}, rows).record())
+    kept = tool.choose_for_venv({}, rows, recorded)
+    assert kept.build == "cublas13" and "keeps this venv's cublas13 build" in kept.why
+    assert tool.choose_for_venv({"BUILD_TYPE": "cpu"}, rows, recorded).build == "cpu"
+    assert tool.choose_for_venv({}, rows, tmp_path / "missing").build == "cpu"

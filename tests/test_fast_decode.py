@@ -26,12 +26,14 @@ def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_asr_checkpoint(tmp_path_factory.mktemp("fast") / "asr", sentence=LONG)
 
 
-def _load(path: Path, dtype: torch.dtype, *, fast: bool, quantization: str = "none", tokens: int = 300) -> Any:
+def _load(
+    path: Path, dtype: torch.dtype, *, fast: bool, quantization: str = "none", tokens: int = 300, attn: str = "sdpa"
+) -> Any:
     return models.load_asr(
         str(path),
         device="cpu",
         dtype=dtype,
-        attn_implementation="sdpa",
+        attn_implementation=attn,
         max_inference_batch_size=8,
         max_new_tokens=tokens,
         fast_decode=fast,
@@ -69,6 +71,24 @@ def test_greedy_tokens_identical_to_the_stock_path(long_checkpoint: Path, dtype:
     assert stock_texts == fast_texts == [LONG, LONG]
     assert stock_ids.shape[1] > 300  # the cache grew past its first capacity (prompt + 256)
     assert torch.equal(stock_ids, fast_ids)
+
+
+def test_eager_attention_keeps_its_own_cache_and_says_the_same(long_checkpoint: Path) -> None:
+    """A decoder on transformers' eager attention keeps it and the stock cache (eager attention would multiply a
+    bf16 query by the in-place cache's float32 keys); the packed linears still apply. (qwen-asr leaves the decoder
+    on SDPA even for attn_implementation:eager, so the config is set here directly.)"""
+    clips = [speech_like(3.0, seed=5)]
+    models_ = [_load(long_checkpoint, torch.bfloat16, fast=False) for _ in range(2)]
+    for model in models_:
+        model.model.thinker.model.config._attn_implementation = "eager"
+    stock, fast = models_
+    note = fast_decode.accelerate_decoder(fast.model, device="cpu", dtype=torch.bfloat16)
+    assert note.startswith("fast CPU decode")
+    assert fast.model.thinker.model.config._attn_implementation == "eager"
+    stock_texts, stock_ids = _generate(stock, clips, [""])
+    fast_texts, fast_ids = _generate(fast, clips, [""])
+    assert fast_texts == stock_texts == [LONG]
+    assert torch.equal(fast_ids, stock_ids)
 
 
 def test_int8_says_the_same_and_halves_the_decoder(long_checkpoint: Path) -> None:
@@ -144,6 +164,25 @@ def test_growing_cache_returns_what_concatenation_returns() -> None:
     plain.crop(100)
     key, value = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
     assert torch.equal(growing.update(key, value)[0], plain.update(key, value)[0])
+    beams = torch.tensor([1, 0])
+    growing.reorder_cache(beams)
+    plain.reorder_cache(beams)
+    key, value = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    assert torch.equal(growing.update(key, value)[1], plain.update(key, value)[1])
+
+
+def test_growing_cache_holds_bf16_exactly_in_float32() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    growing, plain = fast_decode._growing_layer_class()(4), DynamicLayer()
+    for new in (10, 1, 1, 9):  # the prompt plus the spare 4, then a growth
+        key, value = torch.randn(1, 2, new, 8).bfloat16(), torch.randn(1, 2, new, 8).bfloat16()
+        got, expected = growing.update(key, value), plain.update(key, value)
+        if new == 10:
+            assert got[0].dtype == torch.bfloat16  # the prompt goes to SDPA as it came
+        else:
+            assert got[0].dtype == torch.float32
+        assert torch.equal(got[0].to(torch.bfloat16), expected[0]) and torch.equal(got[1].bfloat16(), expected[1])
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -122,9 +122,9 @@ def test_the_heap_is_trimmed_after_every_model_call(
 def test_a_long_files_windows_decode_together_by_default(
     harness: Harness, checkpoints: dict[str, Path], ten_minutes: Path
 ) -> None:
-    """max_batch_seconds defaults to four full windows: a 10-minute file's four windows share one model call."""
+    """max_batch_seconds defaults to two full windows: a 10-minute file's four windows take two model calls."""
     _load(harness, checkpoints)
     batches = harness.engine.current.batcher.batch_sizes
     before = dict(batches)
     assert harness.transcribe(ten_minutes).text == " ".join([SENTENCE] * 4)
-    assert {size: n - before.get(size, 0) for size, n in batches.items() if n - before.get(size, 0)} == {4: 1}
+    assert {size: n - before.get(size, 0) for size, n in batches.items() if n - before.get(size, 0)} == {2: 2}

@@ -17,6 +17,7 @@ Standard library only: the Makefile runs this with the system python, before the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -29,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TABLE = HERE / "torch-builds.txt"
 REQUIREMENTS = HERE.parent / "requirements.txt"
+RECORDED = HERE.parent / ".venv" / ".torch-build"  # the build the venv holds (the Makefile's $(TORCH_BUILD))
 # Build types whose number comes from CUDA_MAJOR_VERSION, the way LocalAI composes BUILD_PROFILE from the two.
 CUDA_FAMILIES = ("cublas", "l4t")
 DEFAULT_CUDA_MAJOR = "12"
@@ -165,6 +167,19 @@ def choose(env: Mapping[str, str], rows: Mapping[str, Row] | None = None, pin: s
     )
 
 
+def choose_for_venv(env: Mapping[str, str], rows: Mapping[str, Row], recorded: Path) -> Choice:
+    """`choose`, except that a make with no hardware variables at all keeps the build the venv already has: after
+    `BUILD_TYPE=cublas make`, a plain `make run` or `make test` must not put the CPU build back."""
+    asked_for = any(env.get(k, "").strip() for k in ("BUILD_TYPE", "BUILD_PROFILE")) or "TORCH_INDEX_URL" in env
+    if not asked_for and recorded.is_file():
+        fields = dict(line.split("=", 1) for line in recorded.read_text().splitlines() if "=" in line)
+        build = fields.get("build", "")
+        if build in rows and build != "cpu":
+            kept = choose({"BUILD_PROFILE": build}, rows)
+            return dataclasses.replace(kept, asked=f"no BUILD_TYPE: keeps this venv's {build} build")
+    return choose(env, rows)
+
+
 def record(choice: Choice, path: Path) -> None:
     """Write the choice to `path` only if it differs, so its time changes exactly when the build does."""
     text = choice.record()
@@ -238,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = read_table()
-        choice = choose(os.environ, rows)
+        choice = choose_for_venv(os.environ, rows, RECORDED)
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
