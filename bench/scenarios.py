@@ -615,23 +615,30 @@ def _decoder_bytes(thinker: Any) -> int:
     return total
 
 
-def decode(params: Params) -> Result:
-    """Figures 10 and 11: decode ms/token at batch 1 and encoder+prefill time, for one decode path
-    (`stock`, `fast`, `int8`), through the worker's loader on the full-size checkpoint."""
+def _load_asr(params: Params, mode: str, *, tokens: int, batch: int = 1) -> Any:
+    """The ASR model through the worker's loader, with decode path `mode` (`stock`, `fast` or `int8`)."""
     from qwen_asr_worker import models
 
-    mode = params["mode"]
-    out: Result = {"mode": mode}
-    asr = models.load_asr(
+    device = params.get("device", "cpu")
+    return models.load_asr(
         params["asr"],
-        device=params.get("device", "cpu"),
-        dtype=_torch_dtype(params["dtype"], params.get("device", "cpu")),
+        device=device,
+        dtype=_torch_dtype(params["dtype"], device),
         attn_implementation="sdpa",
-        max_inference_batch_size=8,
-        max_new_tokens=8,
+        max_inference_batch_size=batch,
+        max_new_tokens=tokens,
         fast_decode=mode != "stock",
         quantization="int8" if mode == "int8" else "none",
     )
+
+
+def decode(params: Params) -> Result:
+    """Figures 10 and 11: decode ms/token at batch 1 and encoder+prefill time, for one decode path
+    (`stock`, `fast`, `int8`), through the worker's loader on the full-size checkpoint."""
+
+    mode = params["mode"]
+    out: Result = {"mode": mode}
+    asr = _load_asr(params, mode, tokens=8, batch=8)
     out["decoder_bytes"] = _decoder_bytes(asr.model.thinker)
     clips = {name: fixtures.read_clip(Path(params[name])) for name in ("clip10", "clip30")}
 
@@ -679,22 +686,13 @@ def int8_fidelity(params: Params) -> Result:
     decode, on the scripted full-size checkpoint, teacher-free: each path generates on its own."""
     import torch
 
-    from qwen_asr_worker import fast_decode, models
+    from qwen_asr_worker import fast_decode
 
     out: Result = {}
     clip = fixtures.read_clip(Path(params["clip10"]))
 
     def run(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        asr = models.load_asr(
-            params["asr"],
-            device="cpu",
-            dtype=torch.bfloat16,
-            attn_implementation="sdpa",
-            max_inference_batch_size=1,
-            max_new_tokens=64,
-            fast_decode=mode != "stock",
-            quantization="int8" if mode == "int8" else "none",
-        )
+        asr = _load_asr(params, mode, tokens=64)
         prompt = asr._build_text_prompt(context="", force_language=fixtures.LANGUAGE)
         inputs = asr.processor(text=[prompt], audio=[clip], return_tensors="pt", padding=True)
         inputs = inputs.to(asr.model.device).to(asr.model.dtype)
@@ -710,15 +708,7 @@ def int8_fidelity(params: Params) -> Result:
 
     torch.manual_seed(0)
     errors = []
-    stock = models.load_asr(
-        params["asr"],
-        device="cpu",
-        dtype=torch.bfloat16,
-        attn_implementation="sdpa",
-        max_inference_batch_size=1,
-        max_new_tokens=8,
-        fast_decode=False,
-    )
+    stock = _load_asr(params, "stock", tokens=8)
     rounding = []
     for module in stock.model.thinker.model.modules():
         if isinstance(module, nn.Linear) and bool(module.weight.any()):
