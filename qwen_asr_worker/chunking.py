@@ -20,11 +20,14 @@ place on the file's timeline, so times reported inside it need only its offset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .vad import SpeechRegion
+
+if TYPE_CHECKING:
+    from .vad import SpeechRegion  # vad imports torch; planning windows needs only numpy
 
 _SMOOTH_MS = 100.0  # frame energies are averaged over 100 ms: shorter dips are not pauses
 _MIN_LAST_SECONDS = 1.0

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .vad import VadSettings
+if TYPE_CHECKING:
+    from .vad import VadSettings  # vad imports torch; parsing options must not
 
 DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
 MAX_CHUNK_SECONDS = 180.0  # Qwen3-ForcedAligner's input limit; windows never exceed it.
@@ -63,6 +64,8 @@ class WorkerOptions:
     @property
     def vad_settings(self) -> VadSettings:
         """The voice activity detection settings."""
+        from .vad import VadSettings
+
         return VadSettings(self.vad_threshold, self.vad_min_silence_seconds, self.vad_pad_seconds)
 
     @property

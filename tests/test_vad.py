@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 import backend_pb2
 from qwen_asr_worker.audio import SAMPLE_RATE, load_audio
 from qwen_asr_worker.chunking import Window, plan_speech_windows, plan_windows
-from qwen_asr_worker.engine import plan_request
 from qwen_asr_worker.options import parse_options
+from qwen_asr_worker.pipeline import plan_request
 from qwen_asr_worker.vad import (
     FRAME,
     SpeechRegion,

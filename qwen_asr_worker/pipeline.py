@@ -1,0 +1,254 @@
+"""One request's pass over its windows: plan them (voice activity detection or the whole file), run the ASR
+through the model's batcher, align when timestamps are asked, and build the result and its log line.
+
+The engine (`engine.py`) owns the models; this module only uses the `LoadedModel` a request was given, so
+LoadModel and Free can swap models while requests run.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import runtime, torch_state, vad
+from .audio import SAMPLE_RATE, load_audio
+from .chunking import Window, plan_speech_windows, plan_windows
+from .errors import Cancelled
+from .languages import detected_to_iso, to_iso
+from .options import WorkerOptions
+from .segments import Segment, Word, build_segments
+
+if TYPE_CHECKING:
+    from qwen_asr import Qwen3ForcedAligner
+
+    from .engine import LoadedModel
+
+log = logging.getLogger("qwen_asr_worker.engine")  # the request lines stay where operators filter for them
+
+MIN_WINDOW_SAMPLES = SAMPLE_RATE // 2  # the model needs half a second; shorter windows are padded with silence
+_POLL_S = 0.05
+
+
+class Granularity(enum.Enum):
+    """What timing detail a request asked for."""
+
+    NONE = "none"
+    SEGMENT = "segment"
+    WORD = "word"
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """One request in domain terms: a decoded-later file path, a canonical language or None, a context."""
+
+    path: str
+    language: str | None = None
+    context: str = ""
+    granularity: Granularity = Granularity.NONE
+    model_identity: str = ""
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """The result: text, ISO language code(s), seconds of audio, and sentence segments."""
+
+    text: str
+    language: str
+    duration: float
+    segments: tuple[Segment, ...]
+    granularity: Granularity
+
+
+IsCancelled = Callable[[], bool]
+
+
+def never_cancelled() -> bool:
+    """The default: a request nobody cancels."""
+    return False
+
+
+class RequestRun:
+    """One request's pass over its windows: ASR through the batcher, then alignment when asked."""
+
+    def __init__(
+        self, model: LoadedModel, request: TranscriptionRequest, cancelled: IsCancelled, progressive: bool
+    ) -> None:
+        self.model = model
+        self.request = request
+        self.cancelled = cancelled
+        self.progressive = progressive
+        self.opts = model.spec.options
+        self.want_timestamps = request.granularity is not Granularity.NONE
+
+    def events(self) -> Iterator[str | Transcription]:
+        started = time.perf_counter()
+        if self.want_timestamps and not self.opts.timestamps_enabled:
+            self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
+        samples = load_audio(self.request.path)
+        duration = len(samples) / SAMPLE_RATE
+        windows = plan_request(samples, self.opts)
+        text = ""
+        languages: list[str] = []
+        pieces: list[tuple[Window, str]] = []
+        words: list[Word] = []
+        aligner = None
+        try:
+            for group in self._groups(windows):
+                self._check_cancelled()
+                futures = [self._submit(samples, w) for w in group]
+                if self.want_timestamps and aligner is None:
+                    aligner = self.model.acquire_aligner()  # loads while the batcher runs the ASR
+                results = self._wait_all(futures)
+                for window, (language, piece) in zip(group, results, strict=True):
+                    languages.append(language)
+                    delta = _joiner(text, piece) + piece if piece else ""
+                    text += delta
+                    pieces.append((window, piece))
+                    if self.progressive and delta:
+                        yield delta
+                if aligner is not None:
+                    words.extend(self._align(aligner, samples, group, results))
+        finally:
+            if aligner is not None:
+                self.model.release_aligner()
+        result = self._result(text, languages, words, duration, pieces)
+        self._log(result, windows, time.perf_counter() - started)
+        yield result
+
+    def _log(self, result: Transcription, windows: list[Window], elapsed: float) -> None:
+        """One line per finished request: what was heard, what was skipped, how fast."""
+        skipped = ""
+        if self.opts.vad:
+            heard = sum(w.duration_seconds for w in windows)
+            skipped = f", {max(0.0, result.duration - heard):.1f} s skipped (no speech)"
+        log.info(
+            "transcribed %.1f s of audio in %d window%s%s; timestamps %s; %.2f s wall, %.1fx realtime; language %s",
+            result.duration,
+            len(windows),
+            "" if len(windows) == 1 else "s",
+            skipped,
+            self.request.granularity.value,
+            elapsed,
+            result.duration / elapsed if elapsed > 0 else 0.0,
+            result.language or "-",
+        )
+
+    def _groups(self, windows: list[Window]) -> Iterator[list[Window]]:
+        """All windows at once, or for a stream the first alone (an early first delta), then batches."""
+        if not windows:
+            return
+        if not self.progressive:
+            yield windows
+            return
+        yield windows[:1]
+        size = max(1, self.opts.max_batch_size)
+        for i in range(1, len(windows), size):
+            yield windows[i : i + size]
+
+    def _submit(self, samples: np.ndarray, window: Window) -> Future[tuple[str, str]]:
+        return self.model.batcher.submit(
+            _pad(samples[window.start : window.end]), self.request.context, self.request.language
+        )
+
+    def _check_cancelled(self) -> None:
+        if self.cancelled():
+            raise Cancelled("the client cancelled the request or its deadline passed")
+
+    def _wait_all(self, futures: list[Future[tuple[str, str]]]) -> list[tuple[str, str]]:
+        """Wait for a group's windows in order, polling for cancellation; a cancel drops the queued ones."""
+        results = []
+        for future in futures:
+            while True:
+                try:
+                    results.append(future.result(timeout=_POLL_S))
+                    break
+                except FutureTimeout:
+                    if self.cancelled():
+                        for pending in futures:
+                            pending.cancel()
+                        raise Cancelled("the client cancelled the request or its deadline passed") from None
+        return results
+
+    def _align(
+        self,
+        aligner: Qwen3ForcedAligner,
+        samples: np.ndarray,
+        group: list[Window],
+        results: list[tuple[str, str]],
+    ) -> list[Word]:
+        todo = [(w, lang, piece) for w, (lang, piece) in zip(group, results, strict=True) if piece.strip()]
+        if not todo:
+            return []
+        self._check_cancelled()
+        with torch_state.forward_pass():
+            aligned = aligner.align(
+                audio=[(_pad(samples[w.start : w.end]), SAMPLE_RATE) for w, _, _ in todo],
+                text=[piece for _, _, piece in todo],
+                language=[self.request.language or lang.split(",")[0] for _, lang, _ in todo],
+            )
+        runtime.trim_heap()
+        words: list[Word] = []
+        for (window, _, _), result in zip(todo, aligned, strict=True):
+            offset = window.start / SAMPLE_RATE
+            words.extend(Word(it.text, it.start_time + offset, it.end_time + offset) for it in result.items)
+        return words
+
+    def _result(
+        self,
+        text: str,
+        languages: list[str],
+        words: list[Word],
+        duration: float,
+        pieces: list[tuple[Window, str]],
+    ) -> Transcription:
+        language = to_iso(self.request.language) if self.request.language else detected_to_iso(",".join(languages))
+        if self.want_timestamps:
+            segments = build_segments(text, words, duration, max_segment_seconds=self.opts.max_segment_seconds)
+        elif self.opts.vad:  # one segment per window, from its first to its last speech
+            segments = [
+                Segment(text=piece, start=w.speech_seconds[0], end=w.speech_seconds[1], words=())
+                for w, piece in pieces
+                if piece.strip()
+            ]
+        elif text:
+            segments = [Segment(text=text, start=0.0, end=duration, words=())]
+        else:
+            segments = []
+        return Transcription(text, language, duration, tuple(segments), self.request.granularity)
+
+
+def plan_request(samples: np.ndarray, opts: WorkerOptions) -> list[Window]:
+    """The windows a request sends to the model: the whole file, or with voice activity detection only its speech.
+
+    The same with and without timestamps, streamed or not: they depend on the audio and the options alone.
+    """
+    if not opts.vad:
+        return plan_windows(samples, max_seconds=opts.chunk_seconds)
+    regions = vad.detect_speech(samples, opts.vad_settings)
+    return plan_speech_windows(samples, regions, max_seconds=opts.chunk_seconds)
+
+
+def _pad(samples: np.ndarray) -> np.ndarray:
+    if len(samples) >= MIN_WINDOW_SAMPLES:
+        return samples
+    return np.pad(samples, (0, MIN_WINDOW_SAMPLES - len(samples)))
+
+
+def _is_cjk(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) in ("W", "F") and not unicodedata.category(ch).startswith("Z")
+
+
+def _joiner(before: str, after: str) -> str:
+    """The separator between two windows' texts: none around CJK, a space elsewhere."""
+    if not before or not after or before[-1].isspace() or after[0].isspace():
+        return ""
+    return "" if _is_cjk(before[-1]) or _is_cjk(after[0]) else " "
