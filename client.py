@@ -4,6 +4,7 @@
 python client.py load /models/Qwen3-ASR-0.6B --option forced_aligner:Qwen/Qwen3-ForcedAligner-0.6B
 python client.py transcribe talk.m4a --timestamps word --format srt
 python client.py transcribe talk.m4a --stream
+python client.py live talk.m4a --param words=true    # streams the file at real-time pace, as a microphone would
 python client.py status
 python client.py free
 """
@@ -14,11 +15,14 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 
 import grpc
 
 import backend_pb2
 import backend_pb2_grpc
+from qwen_asr_worker.audio import SAMPLE_RATE, load_audio
 from qwen_asr_worker.formats import render
 
 
@@ -69,6 +73,40 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_requests(args: argparse.Namespace) -> Iterator[backend_pb2.TranscriptLiveRequest]:
+    """The config, then the file's audio in `--message-seconds` pieces, at real-time pace unless `--fast`."""
+    params = dict(item.split("=", 1) for item in args.param or [])
+    yield backend_pb2.TranscriptLiveRequest(
+        config=backend_pb2.TranscriptLiveConfig(language=args.language, sample_rate=SAMPLE_RATE, params=params)
+    )
+    samples = load_audio(os.path.abspath(args.file))
+    step = max(1, round(args.message_seconds * SAMPLE_RATE))
+    started = time.monotonic()
+    for i in range(0, len(samples), step):
+        if not args.fast:
+            time.sleep(max(0.0, started + i / SAMPLE_RATE - time.monotonic()))
+        yield backend_pb2.TranscriptLiveRequest(audio=backend_pb2.TranscriptLiveAudio(pcm=samples[i : i + step]))
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    """AudioTranscriptionLive: stream a file as a microphone would and print text as it is finalized."""
+    for item in args.param or []:
+        if "=" not in item:
+            raise SystemExit(f"--param {item!r}: write KEY=VALUE, e.g. --param chunk_seconds=1.5")
+    final = None
+    responses = _stub(args.addr).AudioTranscriptionLive(_live_requests(args), metadata=_metadata())
+    for message in responses:
+        if message.HasField("final_result"):
+            final = message.final_result
+        elif message.delta:
+            sys.stdout.write(message.delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if final is not None and args.format != "text":
+        sys.stdout.write(render(final, args.format))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Status: state and memory breakdown as JSON."""
     reply = _stub(args.addr).Status(backend_pb2.HealthMessage(), metadata=_metadata())
@@ -102,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stream", action="store_true", help="print text deltas as windows finish")
     tr.add_argument("--timeout", type=float, default=None)
     tr.set_defaults(func=cmd_transcribe)
+    live = sub.add_parser("live", help="stream a file as live audio (LocalAI's realtime API)")
+    live.add_argument("file")
+    live.add_argument("--language", default="")
+    live.add_argument("--param", action="append", metavar="KEY=VALUE", help="chunk_seconds, words, ... (repeat)")
+    live.add_argument("--fast", action="store_true", help="send as fast as possible instead of in real time")
+    live.add_argument("--message-seconds", type=float, default=0.1, help="audio per message (default 0.1)")
+    live.add_argument("--format", choices=["json", "srt", "vtt", "text"], default="text")
+    live.set_defaults(func=cmd_live)
     sub.add_parser("status", help="state and memory").set_defaults(func=cmd_status)
     sub.add_parser("free", help="unload models").set_defaults(func=cmd_free)
     return parser

@@ -218,7 +218,8 @@ def test_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
         text=True,
         check=True,
     )
-    for rpc in ("Health", "LoadModel", "AudioTranscription", "AudioTranscriptionStream", "Status", "Free"):
+    rpcs = ("Health", "LoadModel", "AudioTranscription", "AudioTranscriptionStream", "AudioTranscriptionLive")
+    for rpc in (*rpcs, "Status", "Free"):
         assert f"backend.Backend.{rpc}" in listed.stdout
 
     assert json.loads(_grpcurl(worker, "backend.Backend/Health").stdout)["message"] == "T0s="  # b"OK" in base64
@@ -249,6 +250,72 @@ def test_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
 
     status = json.loads(_grpcurl(worker, "backend.Backend/Status").stdout)
     assert status["state"] in ("READY", "BUSY")
+
+
+def test_live_through_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
+    """A bidirectional stream from grpcurl: one JSON message per request on stdin, one per response out."""
+    assert _load(worker, assets).success
+    samples = load_audio(str(SPEECH / "quiet.opus"))
+    body = [{"config": {"language": "en", "params": {"chunk_seconds": "1"}}}]
+    body += [{"audio": {"pcm": samples[i : i + 8000].tolist()}} for i in range(0, len(samples), 8000)]
+    args = [GRPCURL, "-plaintext", "-import-path", str(ROOT), "-proto", "backend.proto", "-d", "@"]
+    done = subprocess.run(
+        [*args, worker.addr, "backend.Backend/AudioTranscriptionLive"],
+        input="\n".join(json.dumps(b) for b in body),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    responses = [json.loads(chunk) for chunk in re.split(r"(?<=\})\s*(?=\{)", done.stdout.strip())]
+    assert responses[0] == {"ready": True}
+    deltas = "".join(r.get("delta", "") for r in responses[1:-1])
+    final = responses[-1]["finalResult"]
+    assert final["text"] == deltas == SENTENCE and final["language"] == "en"
+
+    bad = subprocess.run(
+        [*args, worker.addr, "backend.Backend/AudioTranscriptionLive"],
+        input=json.dumps(body[1]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "must carry the config" in bad.stderr
+
+
+@pytest.mark.parametrize("pace", ["--fast", "real-time"])
+def test_client_live(worker: Worker, assets: dict[str, Path], pace: str) -> None:
+    """client.py live: the file streamed as a microphone would (real time on a short clip), text printed as it is
+    finalized; the final JSON agrees."""
+    assert _load(worker, assets).success
+    name = "gap.opus" if pace == "--fast" else "quiet.opus"
+    out = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            str(ROOT / "client.py"),
+            "--addr",
+            worker.addr,
+            "live",
+            str(SPEECH / name),
+            "--param",
+            "words=true",
+            "--format",
+            "json",
+            *([pace] if pace == "--fast" else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    printed, _, rendered = out.partition("\n")
+    final = json.loads(rendered)
+    expected = f"{SENTENCE} {SENTENCE}" if name == "gap.opus" else SENTENCE
+    assert printed == final["text"] == expected
+    assert len(final["words"]) == len(expected.split())
 
 
 def test_client_srt_output_parses(worker: Worker, assets: dict[str, Path]) -> None:

@@ -65,8 +65,8 @@ def make_config(args: argparse.Namespace) -> Config:
     """Quick or full settings from the command line."""
     threads = args.threads or fixtures.cores()
     only = frozenset(int(x) for x in args.only.split(",")) if args.only else frozenset()
-    if not only <= set(range(1, 15)):
-        raise SystemExit(f"--only takes figure numbers 1-14, got {args.only!r}")
+    if not only <= set(range(1, 16)):
+        raise SystemExit(f"--only takes figure numbers 1-15, got {args.only!r}")
     omp = "" if args.omp_wait_policy.lower() == "default" else args.omp_wait_policy.upper()
     # What differs between the modes; everything else comes from the command line.
     mode: dict[str, Any] = (
@@ -231,7 +231,21 @@ def _cpu_share(other_cpu_s: float, wall_s: float) -> float:
 def rows_for(results: dict[str, Any], config: Config) -> list[Row]:
     """Turn the scenario results into table rows (only for figures that ran)."""
     rows: list[Row] = []
-    for builder in (_fig1, _fig2_3, _fig4, _fig5, _fig6, _fig7, _fig8, _fig9, _fig10_11, _fig12, _fig13, _fig14):
+    for builder in (
+        _fig1,
+        _fig2_3,
+        _fig4,
+        _fig5,
+        _fig6,
+        _fig7,
+        _fig8,
+        _fig9,
+        _fig10_11,
+        _fig12,
+        _fig13,
+        _fig14,
+        _fig15,
+    ):
         try:
             rows.extend(builder(results, config))
         except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError) as exc:
@@ -711,6 +725,50 @@ def _fig14(r: dict[str, Any], c: Config) -> list[Row]:
     return rows
 
 
+LIVE_SESSIONS = (1, 4)  # figure 15: concurrent live sessions at real-time pace
+LIVE_CHUNK_SECONDS = 2.0  # the live default (options.LiveSettings); the lag goal is twice this
+
+
+def _fig15(r: dict[str, Any], c: Config) -> list[Row]:
+    rows = []
+    for sessions in LIVE_SESSIONS:
+        run = r.get(f"live_{sessions}")
+        if not run or not run["lags_s"]:
+            continue
+        lags = sorted(run["lags_s"])
+        p50, p90 = statistics.median(lags), lags[min(len(lags) - 1, int(0.9 * len(lags)))]
+        goal = 2 * LIVE_CHUNK_SECONDS
+        alone = sessions == 1
+        rows.append(
+            Row(
+                f"15a. Live: finalized text behind the audio fed, {sessions} session{'s' if sessions > 1 else ''} "
+                "at real-time pace, median (p90) vs 2 × chunk_seconds",
+                f"{p50:.2f} s ({p90:.2f} s)",
+                f"{goal:g} s",
+                p50 / goal,
+                "≤ 1" if alone else "-",
+                _met(p50 / goal, 1.0) if alone else None,
+                f"{run['audio_s']:g} s of speech with pauses, full 0.6B, {VAD_TOKENS_PER_SECOND} tokens/s; "
+                f"deltas per session {run['deltas']}",
+            )
+        )
+        per_audio = run["live_cpu_s"] / (run["audio_s"] * sessions)
+        file_per_audio = run["file_cpu_s"] / run["audio_s"]
+        rows.append(
+            Row(
+                f"15b. Live: CPU seconds per second of audio, {sessions} session{'s' if sessions > 1 else ''} vs the "
+                "file path (the price of streaming)",
+                f"{per_audio:.2f}",
+                f"{file_per_audio:.2f}",
+                per_audio / file_per_audio,
+                "-",
+                None,
+                f"live wall {secs(run['live_s'])} for {run['audio_s']:g} s of audio",
+            )
+        )
+    return rows
+
+
 def header(info: dict[str, Any], config: Config, auto_dtype: str | None) -> str:
     """The machine line above the table."""
     device = config.device
@@ -767,6 +825,14 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
             paths[name] = str(fixtures.make_clip(f"speech_{minutes:g}min", minutes * 60.0, seed=100))
     if config.wants(10) or config.wants(11) or config.wants(12):
         paths["clip30"] = str(fixtures.make_clip("clip30", 30.0, seed=30))
+    if config.wants(15):
+        seconds = 60.0 if config.quick else 180.0
+        paths["live"] = str(
+            fixtures.make_audio(
+                f"live_{seconds:g}s", lambda: fixtures.real_speech(seconds, seed=7, talk=15.0, pause=4.0)
+            )
+        )
+        paths["live_warmup"] = str(fixtures.make_audio("live_warmup_10s", lambda: fixtures.real_speech(10.0, seed=1)))
     if config.wants(9):
         if config.vad_model != "asr" and config.vad_model not in kinds:
             runner.run("build_vad", "build", {"kinds": [config.vad_model]}, timeout=3600)
@@ -875,6 +941,18 @@ def plan(config: Config, paths: dict[str, str]) -> list[tuple[str, str, dict[str
             steps.append((f"decode_{mode}", "decode", {**decode_common, "mode": mode, "reps": reps}))
     if config.wants(12):
         steps.append(("int8_fidelity", "int8_fidelity", decode_common))
+    if config.wants(15):
+        for sessions in LIVE_SESSIONS:
+            params = {
+                **common,
+                "dtype": "auto",
+                "max_new_tokens": 1024,
+                "clip": paths["live"],
+                "warmup_clip": paths["live_warmup"],
+                "sessions": sessions,
+                "extra_options": [f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
+            }
+            steps.append((f"live_{sessions}", "live_lag", params))
     if config.wants(13):
         for side, option in (("stock", "fast_decode:off"), ("fast", "fast_decode:on")):
             params = {

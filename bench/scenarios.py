@@ -769,6 +769,64 @@ def concurrent_clients(params: Params) -> Result:
     return out
 
 
+def live_lag(params: Params) -> Result:
+    """Figure 15: `sessions` live sessions at once, each fed the clip at real-time pace in 0.1-s messages through
+    the servicer's own path (inbox and session loop, without the gRPC transport). For every delta: how far the
+    finalized text lags behind the audio fed so far. Then CPU seconds per second of audio, live vs the file path
+    on the same clip."""
+    from qwen_asr_worker.languages import resolve_language
+    from qwen_asr_worker.live import AudioInbox, LiveConfig, LiveUpdate, drive
+    from qwen_asr_worker.options import LiveSettings
+
+    out: Result = {"sessions": params["sessions"], "clip": params["clip"], "asr": params["asr"]}
+    worker = Worker()
+    worker.load(params, "vad:on", *params.get("extra_options", []))
+    worker.transcribe(params["warmup_clip"])
+    samples = fixtures.read_clip(Path(params["clip"]))
+    settings = LiveSettings()
+    config = LiveConfig(resolve_language(params.get("language", "en")), fixtures.SAMPLE_RATE, settings)
+    step = fixtures.SAMPLE_RATE // 10
+    lags: list[list[float]] = [[] for _ in range(params["sessions"])]
+    texts: list[str] = [""] * params["sessions"]
+
+    def feed(inbox: AudioInbox, fed: list[int]) -> None:
+        started = time.monotonic()
+        for i in range(0, len(samples), step):
+            time.sleep(max(0.0, started + i / fixtures.SAMPLE_RATE - time.monotonic()))
+            inbox.put(samples[i : i + step])
+            fed[0] = min(len(samples), i + step)
+        inbox.end()
+
+    def session(k: int) -> None:
+        inbox, fed = AudioInbox(), [0]
+        with worker.engine.live(config) as live:
+            threading.Thread(target=feed, args=(inbox, fed), daemon=True).start()
+            for event in drive(live, inbox):
+                if isinstance(event, LiveUpdate):
+                    lags[k].append(fed[0] / fixtures.SAMPLE_RATE - event.final_until)
+                else:
+                    texts[k] = event.text
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in range(params["sessions"])]
+    cpu = _own_cpu_s()
+    with timed_phase(out, "live"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    out["live_cpu_s"] = _own_cpu_s() - cpu
+    out["lags_s"] = [round(x, 3) for per in lags for x in per]
+    out["deltas"] = [len(per) for per in lags]
+    out["text_chars"] = [len(t) for t in texts]
+    out["audio_s"] = len(samples) / fixtures.SAMPLE_RATE
+    cpu = _own_cpu_s()
+    with timed_phase(out, "file"):
+        worker.transcribe(params["clip"])
+    out["file_cpu_s"] = _own_cpu_s() - cpu
+    worker.close()
+    return out
+
+
 def build(params: Params) -> Result:
     """Build (or find cached) the checkpoints the run needs."""
     out: Result = {}
@@ -795,6 +853,7 @@ SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "bandwidth": bandwidth,
     "int8_fidelity": int8_fidelity,
     "concurrent_clients": concurrent_clients,
+    "live_lag": live_lag,
     "build": build,
     "machine": machine,
 }

@@ -49,6 +49,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return None
         # The payload of a denied call is never parsed: no work for an unauthenticated client, and a malformed
         # body cannot turn UNAUTHENTICATED into a parse error.
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_deny, _unparsed, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(_deny, _unparsed, handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(_deny, _unparsed, handler.response_serializer)

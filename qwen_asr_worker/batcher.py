@@ -29,11 +29,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AsrJob:
-    """One window to transcribe: 16 kHz mono samples, the prompt context and a forced language or None."""
+    """One window to transcribe: 16 kHz mono samples, the prompt context and a forced language or None.
+
+    A live session's job (`raw`) continues a transcript already finalized: `prefix` is the model's earlier raw
+    output (`prefix_tokens` tokens long), placed after the prompt so that only the rest is decoded, and its
+    result is `(language, prefix + the new raw output)` instead of `(language, text)`.
+    """
 
     samples: np.ndarray
     context: str
     language: str | None
+    prefix: str = ""
+    prefix_tokens: int = 0
+    raw: bool = False
     future: Future[tuple[str, str]] = field(default_factory=Future, compare=False)
 
 
@@ -65,11 +73,21 @@ class AsrBatcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, samples: np.ndarray, context: str, language: str | None) -> Future[tuple[str, str]]:
-        """Queue one window; the future resolves to `(language, text)` or to the model's exception."""
+    def submit(
+        self,
+        samples: np.ndarray,
+        context: str,
+        language: str | None,
+        *,
+        prefix: str = "",
+        prefix_tokens: int = 0,
+        raw: bool = False,
+    ) -> Future[tuple[str, str]]:
+        """Queue one window; the future resolves to `(language, text)` (with `raw`, `(language, raw output)`) or
+        to the model's exception."""
         if self._closed:
             raise RuntimeError("batcher is closed")
-        job = AsrJob(samples, context, language)
+        job = AsrJob(samples, context, language, prefix, prefix_tokens, raw)
         self._queue.put(job)
         return job.future
 

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,8 @@ import torch
 from . import models, runtime, torch_state
 from .audio import SAMPLE_RATE
 from .batcher import AsrBatcher, AsrJob
-from .errors import ModelIdentityMismatch, NotReady
+from .errors import ModelIdentityMismatch, NotReady, Unsupported
+from .live import LiveConfig, LiveSession
 from .options import WorkerOptions
 from .pipeline import (  # the request types are re-exported: callers know them as the engine's
     Granularity,
@@ -121,25 +123,52 @@ class LoadedModel:
         if asr is None:
             raise NotReady("the model was unloaded while this request waited; call LoadModel again")
         self.windows_transcribed += len(jobs)
-        asr.max_new_tokens = self.token_budget(max(len(job.samples) for job in jobs))  # one batcher thread
-        with torch_state.forward_pass():
-            results = asr.transcribe(
-                audio=[(job.samples, SAMPLE_RATE) for job in jobs],
-                context=[job.context for job in jobs],
-                language=[job.language for job in jobs],
-                return_time_stamps=False,
-            )
-        runtime.trim_heap()
-        return [(r.language, r.text) for r in results]
+        # one batcher thread: the budget is set for this call only
+        asr.max_new_tokens = max(self.token_budget(len(job.samples), job.prefix_tokens) for job in jobs)
+        if not any(job.raw for job in jobs):
+            with torch_state.forward_pass():
+                results = asr.transcribe(
+                    audio=[(job.samples, SAMPLE_RATE) for job in jobs],
+                    context=[job.context for job in jobs],
+                    language=[job.language for job in jobs],
+                    return_time_stamps=False,
+                )
+            runtime.trim_heap()
+            return [(r.language, r.text) for r in results]
+        from qwen_asr.inference.utils import parse_asr_output  # loaded with the model, never at import
 
-    def token_budget(self, samples: int) -> int:
-        """How many tokens a batch whose longest window has `samples` may generate: `max_new_tokens`, or less
-        with `max_tokens_per_second` (a window cannot hold more speech than its length allows)."""
+        with torch_state.forward_pass():
+            outputs = _generate_after_prefix(asr, jobs)
+        runtime.trim_heap()
+        results = []
+        for job, (language, raw) in zip(jobs, outputs, strict=True):
+            detected, text = parse_asr_output(raw, user_language=language)
+            results.append((detected, raw if job.raw else text))
+        return results
+
+    def token_budget(self, samples: int, prefix_tokens: int = 0) -> int:
+        """How many tokens a window of `samples` may generate after `prefix_tokens` already written:
+        `max_new_tokens`, or less with `max_tokens_per_second` (a window cannot hold more speech than its length
+        allows, and the prefix has used part of it)."""
         opts = self.spec.options
         if opts.max_tokens_per_second <= 0:
             return opts.max_new_tokens
         per_audio = math.ceil(opts.max_tokens_per_second * samples / SAMPLE_RATE)
-        return max(1, min(opts.max_new_tokens, PROMPT_TOKENS + per_audio))
+        return max(1, min(opts.max_new_tokens, PROMPT_TOKENS + per_audio - prefix_tokens))
+
+    def count_tokens(self, text: str) -> list[int]:
+        """The token ids of `text` (a live session's rollback counts in tokens)."""
+        asr = self.asr
+        if asr is None:
+            raise NotReady("the model was unloaded; call LoadModel again")
+        return list(asr.processor.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of token ids, as the model's output is decoded."""
+        asr = self.asr
+        if asr is None:
+            raise NotReady("the model was unloaded; call LoadModel again")
+        return str(asr.processor.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     # --- the aligner ----------------------------------------------------------------------------------
     @property
@@ -235,6 +264,31 @@ class LoadedModel:
             return 0, 0
         aligner = asr.forced_aligner
         return runtime.module_bytes(asr.model), runtime.module_bytes(aligner.model if aligner else None)
+
+
+def _generate_after_prefix(asr: Qwen3ASRModel, jobs: Sequence[AsrJob]) -> list[tuple[str | None, str]]:
+    """One batched `generate` where each job's prompt ends with its `prefix` (the answer so far): qwen-asr's
+    transformers path, as `transcribe()` runs it, with the prefix added. Returns `(forced language, prefix + new
+    output)` per job; windows are at most `chunk_seconds` long, so none needs qwen-asr's own splitting."""
+    from qwen_asr.inference.utils import normalize_language_name, validate_language
+
+    languages: list[str | None] = []
+    for job in jobs:
+        language = normalize_language_name(job.language) if job.language else None
+        if language:
+            validate_language(language)
+        languages.append(language)
+    prompts = [
+        asr._build_text_prompt(context=job.context, force_language=language) + job.prefix
+        for job, language in zip(jobs, languages, strict=True)
+    ]
+    inputs = asr.processor(text=prompts, audio=[job.samples for job in jobs], return_tensors="pt", padding=True)
+    inputs = inputs.to(asr.model.device).to(asr.model.dtype)
+    out = asr.model.generate(**inputs, max_new_tokens=asr.max_new_tokens)
+    decoded = asr.processor.batch_decode(
+        out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    return [(language, job.prefix + text) for job, language, text in zip(jobs, languages, decoded, strict=True)]
 
 
 class Engine:
@@ -356,6 +410,30 @@ class Engine:
             self._inflight -= 1
             if model.retired and model.users == 0:
                 model.close()
+
+    @contextmanager
+    def live(self, config: LiveConfig, cancelled: IsCancelled = never_cancelled) -> Iterator[LiveSession]:
+        """A live session on the current model, which it holds until the session ends."""
+        model = self._acquire("")
+        try:
+            opts = model.spec.options
+            if not opts.live:
+                raise Unsupported(
+                    "qwen3-asr: live transcription unsupported: this model was loaded with the option live:off; "
+                    "remove it to stream, or transcribe whole turns as files"
+                )
+            if config.settings.words and not opts.timestamps_enabled:
+                raise NotReady(
+                    "words were asked for (params words=true) but timestamps are disabled for this model "
+                    "(forced_aligner:none); set the forced_aligner option or drop the words param"
+                )
+            session = LiveSession(model, config, cancelled)
+            try:
+                yield session
+            finally:
+                session.close()
+        finally:
+            self._release(model)
 
     def transcribe(self, request: TranscriptionRequest, cancelled: IsCancelled = never_cancelled) -> Transcription:
         """Transcribe a whole file and return the final result."""

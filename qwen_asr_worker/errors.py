@@ -33,5 +33,9 @@ class ModelIdentityMismatch(WorkerError):
     """The request names another model than the loaded one: NOT_FOUND (LocalAI's router looks for this)."""
 
 
+class Unsupported(WorkerError):
+    """This worker or its model cannot do what was asked (live transcription turned off): UNIMPLEMENTED."""
+
+
 class Cancelled(WorkerError):
     """The client went away or its deadline passed; the work stopped at the next window."""

@@ -8,7 +8,7 @@ file should be caught when the model loads, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ class WorkerOptions:
     vad_min_silence_seconds: float = 2.0
     vad_pad_seconds: float = 0.4
     vad_threshold: float = 0.5
+    live: bool = True
 
     @property
     def vad_settings(self) -> VadSettings:
@@ -175,6 +176,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "vad_min_silence_seconds": _parse_float(0.0, 600.0, open_low=True),
     "vad_pad_seconds": _parse_float(0.0, 10.0),
     "vad_threshold": _parse_float(0.0, 1.0, open_low=True, open_high=True),
+    "live": _parse_on_off,
 }
 _ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}
 assert set(_PARSERS) == {f.name for f in fields(WorkerOptions)}
@@ -218,3 +220,53 @@ def parse_options(items: Iterable[str]) -> WorkerOptions:
         except ValueError as exc:
             raise OptionsError(f"bad value {raw!r} for option {key!r}: expected {exc}") from None
     return dataclasses.replace(WorkerOptions(), **values)
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """A live session's `TranscriptLiveConfig.params`; defaults are what LocalAI's realtime API gets (it sends
+    none)."""
+
+    chunk_seconds: float = 2.0  # the model re-runs on the utterance after this much new audio
+    rollback_tokens: int = 5  # the last tokens of each pass stay open: the next pass may still change them
+    unfixed_chunks: int = 2  # an utterance's first passes finalize nothing
+    words: bool = False  # send each utterance's words (forced aligner) when it is committed
+    max_utterance_seconds: float = 30.0  # an utterance with no pause is committed at this length
+
+
+_LIVE_PARSERS: dict[str, Callable[[str], Any]] = {
+    "chunk_seconds": _parse_float(0.2, 30.0),
+    "rollback_tokens": _parse_int(0, 100),
+    "unfixed_chunks": _parse_int(0, 100),
+    "words": _parse_bool,
+    "max_utterance_seconds": _parse_float(2.0, MAX_CHUNK_SECONDS),
+}
+assert set(_LIVE_PARSERS) == {f.name for f in fields(LiveSettings)}
+
+
+def parse_live_params(params: Mapping[str, str]) -> LiveSettings:
+    """Parse a live session's params (exact keys, no aliases), rejecting unknown keys and bad values.
+
+    Raises:
+        OptionsError: naming the offending param and the valid keys or values.
+    """
+    valid = ", ".join(sorted(_LIVE_PARSERS))
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        name = key.strip().lower()
+        parser = _LIVE_PARSERS.get(name)
+        if parser is None:
+            raise OptionsError(f"unknown live transcription param {key!r}; valid params: {valid}")
+        if name in values:
+            raise OptionsError(f"live transcription param {name!r} is given twice; keep one")
+        try:
+            values[name] = parser(raw.strip())
+        except ValueError as exc:
+            raise OptionsError(f"bad value {raw!r} for live transcription param {key!r}: expected {exc}") from None
+    settings = dataclasses.replace(LiveSettings(), **values)
+    if settings.chunk_seconds > settings.max_utterance_seconds:
+        raise OptionsError(
+            f"live transcription param chunk_seconds ({settings.chunk_seconds:g}) is longer than "
+            f"max_utterance_seconds ({settings.max_utterance_seconds:g}); lower chunk_seconds"
+        )
+    return settings

@@ -110,7 +110,7 @@ class RequestRun:
                 results = self._wait_all(futures)
                 for window, (language, piece) in zip(group, results, strict=True):
                     languages.append(language)
-                    delta = _joiner(text, piece) + piece if piece else ""
+                    delta = joiner(text, piece) + piece if piece else ""
                     text += delta
                     pieces.append((window, piece))
                     if self.progressive and delta:
@@ -156,7 +156,7 @@ class RequestRun:
 
     def _submit(self, samples: np.ndarray, window: Window) -> Future[tuple[str, str]]:
         return self.model.batcher.submit(
-            _pad(samples[window.start : window.end]), self.request.context, self.request.language
+            pad_window(samples[window.start : window.end]), self.request.context, self.request.language
         )
 
     def _check_cancelled(self) -> None:
@@ -191,7 +191,7 @@ class RequestRun:
         self._check_cancelled()
         with torch_state.forward_pass():
             aligned = aligner.align(
-                audio=[(_pad(samples[w.start : w.end]), SAMPLE_RATE) for w, _, _ in todo],
+                audio=[(pad_window(samples[w.start : w.end]), SAMPLE_RATE) for w, _, _ in todo],
                 text=[piece for _, _, piece in todo],
                 language=[self.request.language or lang.split(",")[0] for _, lang, _ in todo],
             )
@@ -237,7 +237,8 @@ def plan_request(samples: np.ndarray, opts: WorkerOptions) -> list[Window]:
     return plan_speech_windows(samples, regions, max_seconds=opts.chunk_seconds)
 
 
-def _pad(samples: np.ndarray) -> np.ndarray:
+def pad_window(samples: np.ndarray) -> np.ndarray:
+    """A window as the model gets it: at least `MIN_WINDOW_SAMPLES`, padded with silence."""
     if len(samples) >= MIN_WINDOW_SAMPLES:
         return samples
     return np.pad(samples, (0, MIN_WINDOW_SAMPLES - len(samples)))
@@ -247,7 +248,7 @@ def _is_cjk(ch: str) -> bool:
     return unicodedata.east_asian_width(ch) in ("W", "F") and not unicodedata.category(ch).startswith("Z")
 
 
-def _joiner(before: str, after: str) -> str:
+def joiner(before: str, after: str) -> str:
     """The separator between two windows' texts: none around CJK, a space elsewhere."""
     if not before or not after or before[-1].isspace() or after[0].isspace():
         return ""

@@ -10,21 +10,24 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 import backend_pb2
 import backend_pb2_grpc
 
 from .audio import AudioError
 from .engine import Engine, Granularity, LoadSpec, State, Transcription, TranscriptionRequest
-from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady, shown
+from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported, shown
 from .languages import LanguageError, resolve_language
+from .live import AudioInbox, LiveConfig, LiveUpdate, check_sample_rate, drive
 from .models import resolve_reference
-from .options import OptionsError, parse_options
+from .options import OptionsError, parse_live_params, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NotReady):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, Unsupported):
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc)
     if isinstance(exc, ModelIdentityMismatch):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Cancelled):
@@ -145,6 +150,51 @@ def to_result(result: Transcription) -> backend_pb2.TranscriptResult:
     )
 
 
+def to_live_config(request: backend_pb2.TranscriptLiveRequest) -> LiveConfig:
+    """Validate a live session's first message, which must carry its config."""
+    if request.WhichOneof("payload") != "config":
+        raise InvalidRequest(
+            "the first message of a live transcription stream must carry the config (language, sample_rate, "
+            "params), not audio; send the config first"
+        )
+    config = request.config
+    try:
+        settings = parse_live_params(dict(config.params))
+    except OptionsError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return LiveConfig(resolve_language(config.language), check_sample_rate(config.sample_rate), settings)
+
+
+def to_live_response(event: LiveUpdate | Transcription) -> backend_pb2.TranscriptLiveResponse:
+    """A delta with its words (nanoseconds from the stream's start), or the terminal final result."""
+    if isinstance(event, Transcription):
+        return backend_pb2.TranscriptLiveResponse(final_result=to_result(event))
+    words = [backend_pb2.TranscriptWord(start=_ns(w.start), end=_ns(w.end), text=w.text) for w in event.words]
+    return backend_pb2.TranscriptLiveResponse(delta=event.delta, words=words)
+
+
+def read_live_audio(
+    requests: Iterator[backend_pb2.TranscriptLiveRequest], inbox: AudioInbox, is_active: Callable[[], bool]
+) -> None:
+    """Hand a live stream's audio messages to the session (runs on its own thread); a bad message or a broken
+    stream is handed over as the error that ends the session."""
+    try:
+        for number, message in enumerate(requests, start=2):
+            kind = message.WhichOneof("payload")
+            if kind == "audio":
+                inbox.put(np.asarray(message.audio.pcm, np.float32))
+                continue
+            if kind == "config":
+                problem = "carries a second config; a session takes one, first (open a new stream to change it)"
+            else:
+                problem = "is empty; set its audio (or, first, its config)"
+            inbox.put(InvalidRequest(f"live transcription message {number} {problem}"))
+            return
+        inbox.end()
+    except Exception as exc:
+        inbox.put(exc if is_active() else Cancelled("the client cancelled the live session"))
+
+
 def to_load_spec(request: backend_pb2.ModelOptions) -> LoadSpec:
     """Parse options and resolve the model reference (`ModelFile` when it exists, else `Model`)."""
     items = list(request.Options)
@@ -228,6 +278,27 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     ) -> backend_pb2.TranscriptResult:
         result = self.engine.transcribe(to_request(request), cancelled=lambda: not context.is_active())
         return to_result(result)
+
+    @_streaming
+    def AudioTranscriptionLive(
+        self, request_iterator: Iterator[backend_pb2.TranscriptLiveRequest], context: grpc.ServicerContext
+    ) -> Iterator[backend_pb2.TranscriptLiveResponse]:
+        requests = iter(request_iterator)
+        first = next(requests, None)
+        if first is None:  # the client closed without a config: nothing to do
+            return
+        config = to_live_config(first)
+        with self.engine.live(config, cancelled=lambda: not context.is_active()) as session:
+            yield backend_pb2.TranscriptLiveResponse(ready=True)
+            inbox = AudioInbox()
+            threading.Thread(
+                target=read_live_audio, args=(requests, inbox, context.is_active), name="live-reader", daemon=True
+            ).start()
+            try:
+                for event in drive(session, inbox):
+                    yield to_live_response(event)
+            finally:
+                inbox.stop()
 
     @_streaming
     def AudioTranscriptionStream(

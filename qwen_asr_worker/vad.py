@@ -115,6 +115,28 @@ def pad_regions(speech: list[tuple[int, int]], pad: int, total: int) -> list[Spe
     return regions
 
 
+class StreamingVad:
+    """Frame probabilities of audio that arrives in pieces (a live session): each call scores the whole frames
+    completed since the last one, after `_WARMUP_SECONDS` of the audio before them, as a row of
+    `frame_probabilities` would. Holds at most that much audio plus one partial frame."""
+
+    def __init__(self) -> None:
+        self._history = np.zeros(0, np.float32)  # whole frames already scored, for the next call's warm-up
+        self._rest = np.zeros(0, np.float32)  # a partial frame waiting for its remaining samples
+
+    def feed(self, samples: np.ndarray) -> np.ndarray:
+        """The probabilities of the frames that `samples` completes (possibly none)."""
+        data = np.concatenate([self._rest, np.asarray(samples, np.float32)])
+        whole = len(data) // FRAME * FRAME
+        self._rest = data[whole:].copy()
+        if whole == 0:
+            return np.zeros(0, np.float32)
+        run = np.concatenate([self._history, data[:whole]])
+        probabilities = frame_probabilities(run)[len(self._history) // FRAME :]
+        self._history = run[-round(_WARMUP_SECONDS * SAMPLE_RATE / FRAME) * FRAME :].copy()
+        return probabilities
+
+
 def frame_probabilities(samples: np.ndarray) -> np.ndarray:
     """Silero's speech probability for every 512-sample frame (the last frame zero-padded), float32."""
     frames = -(-len(samples) // FRAME)

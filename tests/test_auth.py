@@ -19,6 +19,7 @@ import backend_pb2_grpc
 from qwen_asr_worker.auth import TOKEN_ENV, BearerTokenInterceptor
 from qwen_asr_worker.server import create_server
 from qwen_asr_worker.servicer import BackendServicer
+from tests.audio_fixtures import tone
 from tests.conftest import FAST, SENTENCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,17 +36,30 @@ def _rpcs(
     request = backend_pb2.TranscriptRequest(dst=str(audio["wav"]))
     health = backend_pb2.HealthMessage()
     load = backend_pb2.ModelOptions(Model=str(checkpoints["asr"]), Options=FAST)
+    live = [
+        backend_pb2.TranscriptLiveRequest(config=backend_pb2.TranscriptLiveConfig(language="en")),
+        backend_pb2.TranscriptLiveRequest(audio=backend_pb2.TranscriptLiveAudio(pcm=tone(1.0, 16000)[:, 0].tolist())),
+    ]
     return {
         "Health": lambda md: stub.Health(health, metadata=md, timeout=30),
         "LoadModel": lambda md: stub.LoadModel(load, metadata=md, timeout=120),
         "AudioTranscription": lambda md: stub.AudioTranscription(request, metadata=md, timeout=60),
         "AudioTranscriptionStream": lambda md: list(stub.AudioTranscriptionStream(request, metadata=md, timeout=60)),
+        "AudioTranscriptionLive": lambda md: list(stub.AudioTranscriptionLive(iter(live), metadata=md, timeout=60)),
         "Status": lambda md: stub.Status(health, metadata=md, timeout=30),
         "Free": lambda md: stub.Free(health, metadata=md, timeout=30),
     }
 
 
-RPC_NAMES = ["Health", "LoadModel", "AudioTranscription", "AudioTranscriptionStream", "Status", "Free"]
+RPC_NAMES = [
+    "Health",
+    "LoadModel",
+    "AudioTranscription",
+    "AudioTranscriptionStream",
+    "AudioTranscriptionLive",
+    "Status",
+    "Free",
+]
 
 
 @dataclass
@@ -106,6 +120,8 @@ def test_the_right_token_opens_every_rpc(
     assert calls["AudioTranscription"](GOOD).text == SENTENCE
     messages = calls["AudioTranscriptionStream"](GOOD)
     assert messages[-1].final_result.text == SENTENCE
+    live = calls["AudioTranscriptionLive"](GOOD)
+    assert live[0].ready and live[-1].final_result.text == SENTENCE
     assert calls["Status"](GOOD).state == backend_pb2.StatusResponse.READY
     assert calls["Free"](GOOD).success
     assert secured.servicer.engine.current is None
