@@ -210,7 +210,8 @@ class Worker:
             [str(RUN_SH), "--addr", self.addr], stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.info("worker pid %d starting on %s (log: %s)", self.proc.pid, self.addr, self.log_path)
-        self.channel = grpc.insecure_channel(self.addr)
+        # Replies of hour-long files may exceed gRPC's 4 MiB default; the worker allows up to 256 MiB.
+        self.channel = grpc.insecure_channel(self.addr, options=[("grpc.max_receive_message_length", 256 << 20)])
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
         try:
             self._wait_healthy()
