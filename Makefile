@@ -15,8 +15,13 @@ STAMP := $(VENV)/.installed
 STUBS := backend_pb2.py backend_pb2_grpc.py
 ADDR ?= 127.0.0.1:50051
 BENCH_ARGS ?=
+# make eval DATA=DIR [CONFIGS='vad:on; vad:off'] [MODEL=Qwen/Qwen3-ASR-0.6B] [OUT=eval-results]
+DATA ?=
+CONFIGS ?=
+MODEL ?=
+OUT ?= eval-results
 
-.PHONY: all install install-steps protogen run test lint bench bench-quick clean FORCE
+.PHONY: all install install-steps protogen run test lint bench bench-quick eval clean FORCE
 
 all: install
 
@@ -65,6 +70,11 @@ bench-quick: install
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Word error rate of the worker over DATA, one fresh worker per configuration (README: Evaluating a change).
+eval: install
+	@test -n "$(DATA)" || { echo "make eval: set DATA to a folder of audio with references (pairs, LibriSpeech or a JSONL manifest), e.g. make eval DATA=LibriSpeech/test-clean" >&2; exit 2; }
+	$(PY) -m qwen_asr_worker.eval --data "$(DATA)" --configs "$(CONFIGS)" --out "$(OUT)" $(if $(MODEL),--model "$(MODEL)")
 
 clean:
 	rm -rf $(VENV) $(STUBS) backend_pb2.pyi .pytest_cache .ruff_cache
