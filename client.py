@@ -16,7 +16,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 
@@ -60,11 +61,16 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         result = stub.AudioTranscription(request, metadata=_metadata(), timeout=args.timeout)
         sys.stdout.write(render(result, args.format))
         return 0
+    return _print_deltas(stub.AudioTranscriptionStream(request, metadata=_metadata(), timeout=args.timeout), args)
+
+
+def _print_deltas(messages: Iterable[Any], args: argparse.Namespace) -> int:
+    """Print each delta as it comes, a newline, then the final result in `--format` (unless text)."""
     final = None
-    for message in stub.AudioTranscriptionStream(request, metadata=_metadata(), timeout=args.timeout):
+    for message in messages:
         if message.HasField("final_result"):
             final = message.final_result
-        else:
+        elif message.delta:
             sys.stdout.write(message.delta)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -93,18 +99,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     for item in args.param or []:
         if "=" not in item:
             raise SystemExit(f"--param {item!r}: write KEY=VALUE, e.g. --param chunk_seconds=1.5")
-    final = None
-    responses = _stub(args.addr).AudioTranscriptionLive(_live_requests(args), metadata=_metadata())
-    for message in responses:
-        if message.HasField("final_result"):
-            final = message.final_result
-        elif message.delta:
-            sys.stdout.write(message.delta)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-    if final is not None and args.format != "text":
-        sys.stdout.write(render(final, args.format))
-    return 0
+    return _print_deltas(_stub(args.addr).AudioTranscriptionLive(_live_requests(args), metadata=_metadata()), args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

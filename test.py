@@ -291,26 +291,8 @@ def test_client_live(worker: Worker, assets: dict[str, Path], pace: str) -> None
     finalized; the final JSON agrees."""
     assert _load(worker, assets).success
     name = "gap.opus" if pace == "--fast" else "quiet.opus"
-    out = subprocess.run(
-        [
-            str(ROOT / ".venv" / "bin" / "python"),
-            str(ROOT / "client.py"),
-            "--addr",
-            worker.addr,
-            "live",
-            str(SPEECH / name),
-            "--param",
-            "words=true",
-            "--format",
-            "json",
-            *([pace] if pace == "--fast" else []),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=ROOT,
-    ).stdout
+    fast = [pace] if pace == "--fast" else []
+    out = _client(worker, "live", str(SPEECH / name), "--param", "words=true", "--format", "json", *fast)
     printed, _, rendered = out.partition("\n")
     final = json.loads(rendered)
     expected = f"{SENTENCE} {SENTENCE}" if name == "gap.opus" else SENTENCE
@@ -318,27 +300,15 @@ def test_client_live(worker: Worker, assets: dict[str, Path], pace: str) -> None
     assert len(final["words"]) == len(expected.split())
 
 
+def _client(worker: Worker, *args: str) -> str:
+    """Run client.py against the worker; its stdout (fails the test on a non-zero exit)."""
+    command = [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "client.py"), "--addr", worker.addr, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT).stdout
+
+
 def test_client_srt_output_parses(worker: Worker, assets: dict[str, Path]) -> None:
     assert _load(worker, assets).success
-    out = subprocess.run(
-        [
-            str(ROOT / ".venv" / "bin" / "python"),
-            str(ROOT / "client.py"),
-            "--addr",
-            worker.addr,
-            "transcribe",
-            str(assets["wav"]),
-            "--timestamps",
-            "word",
-            "--format",
-            "srt",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=ROOT,
-    ).stdout
+    out = _client(worker, "transcribe", str(assets["wav"]), "--timestamps", "word", "--format", "srt")
     cue = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)\n(.+)\n")
     cues = cue.findall(out)
     assert [c[-1] for c in cues] == ["Hello world.", "This is a test."]
@@ -404,6 +374,9 @@ def test_client_generated_from_localai_proto(worker: Worker, assets: dict[str, P
         "words": ["Hello", "world", "This", "is", "a", "test"],
         "stream_text": SENTENCE,
         "stream_final": SENTENCE,
+        "live_ready": True,
+        "live_text": SENTENCE,
+        "live_final": SENTENCE,
         "status": "READY",
         "aligner_bytes": seen["aligner_bytes"],
         "freed": True,

@@ -795,9 +795,9 @@ def render(rows: list[Row], info: dict[str, Any], config: Config, wall_s: float,
         "",
         f"Checkpoints: random-weight Qwen3-ASR-0.6B dims (untied lm_head, hand-wired to say a 29-word sentence) and "
         f"Qwen3-ForcedAligner-0.6B dims, stored bf16. max_new_tokens {config.max_new_tokens} everywhere "
-        f"(generation always runs to it), except figure 9 ({VAD_TOKENS_PER_SECOND} per second of window, "
+        f"(generation always runs to it), except figures 9 and 13-15 ({VAD_TOKENS_PER_SECOND} per second of window, "
         f"`max_tokens_per_second`). Clips: generated 10-s speech-like noise, 16 kHz WAV, heard whole (`vad:off`); "
-        f"figure 9: real speech built from the committed espeak-ng fixtures, quiet room, pink noise. "
+        f"figures 9 and 15: real speech built from the committed espeak-ng fixtures, quiet room, pink noise. "
         f"Each scenario ran in a fresh process; RSS read after a warm-up request. Run took {wall_s / 60:.1f} min.",
         "",
         "| figure | ours | alternative | ratio | goal | met? | notes |",

@@ -206,20 +206,32 @@ def parse_options(items: Iterable[str]) -> WorkerOptions:
     Raises:
         OptionsError: with a message naming the offending option and the valid keys or values.
     """
-    values: dict[str, Any] = {}
-    for item in items:
-        key, raw = split_option(item)
-        name = _ALIASES.get(key.lower(), key.lower())
-        parser = _PARSERS.get(name)
-        if parser is None:
-            raise OptionsError(f"unknown option {key!r}; valid keys: {', '.join(valid_keys())}")
-        if name in values:
-            raise OptionsError(f"option {key!r} is given twice; keep one")
-        try:
-            values[name] = parser(raw)
-        except ValueError as exc:
-            raise OptionsError(f"bad value {raw!r} for option {key!r}: expected {exc}") from None
+    values = _parse_pairs((split_option(item) for item in items), _PARSERS, _ALIASES, "option", "keys")
     return dataclasses.replace(WorkerOptions(), **values)
+
+
+def _parse_pairs(
+    pairs: Iterable[tuple[str, str]],
+    parsers: dict[str, Callable[[str], Any]],
+    aliases: dict[str, str],
+    what: str,
+    plural: str,
+) -> dict[str, Any]:
+    """Typed values of `(key, raw value)` pairs: keys case-insensitive, each at most once, all known."""
+    values: dict[str, Any] = {}
+    for key, raw in pairs:
+        name = key.strip().lower()
+        name = aliases.get(name, name)
+        parser = parsers.get(name)
+        if parser is None:
+            raise OptionsError(f"unknown {what} {key!r}; valid {plural}: {', '.join(sorted(parsers))}")
+        if name in values:
+            raise OptionsError(f"{what} {key!r} is given twice; keep one")
+        try:
+            values[name] = parser(raw.strip())
+        except ValueError as exc:
+            raise OptionsError(f"bad value {raw!r} for {what} {key!r}: expected {exc}") from None
+    return values
 
 
 @dataclass(frozen=True)
@@ -250,19 +262,7 @@ def parse_live_params(params: Mapping[str, str]) -> LiveSettings:
     Raises:
         OptionsError: naming the offending param and the valid keys or values.
     """
-    valid = ", ".join(sorted(_LIVE_PARSERS))
-    values: dict[str, Any] = {}
-    for key, raw in params.items():
-        name = key.strip().lower()
-        parser = _LIVE_PARSERS.get(name)
-        if parser is None:
-            raise OptionsError(f"unknown live transcription param {key!r}; valid params: {valid}")
-        if name in values:
-            raise OptionsError(f"live transcription param {name!r} is given twice; keep one")
-        try:
-            values[name] = parser(raw.strip())
-        except ValueError as exc:
-            raise OptionsError(f"bad value {raw!r} for live transcription param {key!r}: expected {exc}") from None
+    values = _parse_pairs(params.items(), _LIVE_PARSERS, {}, "live transcription param", "params")
     settings = dataclasses.replace(LiveSettings(), **values)
     if settings.chunk_seconds > settings.max_utterance_seconds:
         raise OptionsError(

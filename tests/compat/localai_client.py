@@ -45,6 +45,15 @@ def main(addr: str, model: str, aligner: str, audio: str) -> None:
     )
     result = stub.AudioTranscription(pb.TranscriptRequest(dst=audio, timestamp_granularities=["word"]), timeout=60)
     stream = list(stub.AudioTranscriptionStream(pb.TranscriptRequest(dst=audio, stream=True), timeout=60))
+    import soundfile
+
+    samples, rate = soundfile.read(audio, dtype="float32")
+    live_requests = [pb.TranscriptLiveRequest(config=pb.TranscriptLiveConfig(language="en", sample_rate=rate))]
+    live_requests += [
+        pb.TranscriptLiveRequest(audio=pb.TranscriptLiveAudio(pcm=samples[i : i + rate // 10].tolist()))
+        for i in range(0, len(samples), rate // 10)
+    ]
+    live = list(stub.AudioTranscriptionLive(iter(live_requests), timeout=60))
     status = stub.Status(pb.HealthMessage(), timeout=30)
     freed = stub.Free(pb.HealthMessage(), timeout=30)
     print(
@@ -57,6 +66,9 @@ def main(addr: str, model: str, aligner: str, audio: str) -> None:
                 "words": [w.text for s in result.segments for w in s.words],
                 "stream_text": "".join(m.delta for m in stream[:-1]),
                 "stream_final": stream[-1].final_result.text,
+                "live_ready": live[0].ready,
+                "live_text": "".join(m.delta for m in live[1:-1]),
+                "live_final": live[-1].final_result.text,
                 "status": pb.StatusResponse.State.Name(status.state),
                 "aligner_bytes": status.memory.breakdown["aligner_weights"],
                 "freed": freed.success,
