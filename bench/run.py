@@ -719,7 +719,7 @@ def _fig14(r: dict[str, Any], c: Config) -> list[Row]:
                 pn / pt,
                 "≤ today + 1.5 GiB" if chosen else "-",
                 (pn - pt) <= 1.5 * GIB if chosen else None,
-                f"+{(pn - pt) / GIB:.2f} GiB",
+                f"{(pn - pt) / GIB:+.2f} GiB",
             )
         )
     return rows

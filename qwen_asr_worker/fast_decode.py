@@ -11,14 +11,15 @@ Profiling one decode step showed where, and each change below removes one cause:
   pages are handed back too, so memory does not double. The audio encoder, which runs once per window on many
   frames, keeps its stock layers.
 * **Key/value cache.** transformers' dynamic cache appends each token with `torch.cat`, copying every layer's
-  whole cache every step. A cache that grows in place (capacity doubling) writes one position per step. It holds
-  float32 (bf16 values are exact in it): oneDNN's bf16 matmul would copy the strided view of the buffer every
-  step, which costs time and, as the copies grow step by step, fragments the heap (a long window's decode climbed
-  by gigabytes); the float32 matmul reads it in place.
-* **Attention for one query.** For a single new token, transformers calls SDPA's flash kernel, whose fixed cost
-  per call is larger than the work: a plain grouped matmul-softmax-matmul in float32 (from the float32 cache) is
-  several times cheaper. Prompts (more than one query) still use SDPA. With `attn_implementation:eager` neither
-  this nor the in-place cache is used.
+  whole cache every step. A cache that grows in place (capacity doubling) writes one position per step, in the
+  model's dtype.
+* **Attention for one query.** transformers repeats every key/value head for the query heads that share it (a copy
+  of the whole cache per layer per step) and calls SDPA with one query. Here the query heads of a group become one
+  query sequence of that group's key/value head, so SDPA reads the cache's view in place, without repeats: for a
+  180-s window (about 2400 cached positions) a step reads the bf16 cache once, which is also half the memory of
+  the float32 cache this used before (a bf16 batched matmul on the view would copy it every step instead).
+  Prompts (more than one query) still take transformers' SDPA path. With `attn_implementation:eager` neither this
+  nor the in-place cache is used.
 * **Prefill logits.** The output projection ran over every prompt position; generation reads only the last one.
   It now sees the last position only (on every device: that part is not CPU-specific).
 
@@ -300,19 +301,17 @@ def _decode_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1 or query.device.type != "cpu":
-        key, value = key.to(query.dtype), value.to(query.dtype)  # the in-place cache holds float32
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    grouped = query.view(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()
-    scores *= scaling if scaling is not None else dim**-0.5
+    # The query heads that share a key/value head become that head's query sequence: no repeated keys, and SDPA
+    # reads the cache's view (the first positions of each head) in place, in the cache's dtype.
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    mask = None
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :length].reshape(batch, 1, 1, length)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probabilities, value)  # (batch, kv_heads, group, dim)
-    return out.to(query.dtype).reshape(batch, heads, 1, dim).transpose(1, 2), None
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
 # --- a key/value cache that grows in place ---------------------------------------------------------------------
@@ -333,16 +332,6 @@ def _install_growing_cache(thinker: nn.Module) -> None:
         return generate(*args, **kwargs)
 
     thinker.generate = generate_with_growing_cache
-
-
-def _cache_dtype(like: torch.Tensor) -> torch.dtype:
-    """float32 for a CPU cache: oneDNN's bf16 batched matmul copies a strided view of the buffer (the first
-    positions of each head) into a fresh tensor every call, one growing allocation per layer per step, while the
-    float32 matmul reads the view in place. bf16 values are exact in float32, and the attention is computed in
-    float32 from them, as SDPA's kernel does internally."""
-    if like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return like.dtype
 
 
 def _growing_layer_class() -> type:
@@ -388,7 +377,7 @@ def _growing_layer_class() -> type:
         def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
             def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
                 shape = (*like.shape[:-2], capacity, like.shape[-1])
-                buffer = torch.empty(shape, dtype=_cache_dtype(like), device=like.device)
+                buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
                 if old is not None and self._length:
                     buffer[:, :, : self._length] = old[:, :, : self._length]
                 return buffer

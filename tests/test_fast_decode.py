@@ -74,8 +74,8 @@ def test_greedy_tokens_identical_to_the_stock_path(long_checkpoint: Path, dtype:
 
 
 def test_eager_attention_keeps_its_own_cache_and_says_the_same(long_checkpoint: Path) -> None:
-    """A decoder on transformers' eager attention keeps it and the stock cache (eager attention would multiply a
-    bf16 query by the in-place cache's float32 keys); the packed linears still apply. (qwen-asr leaves the decoder
+    """A decoder on transformers' eager attention keeps it and the stock cache (the in-place cache is built for our
+    single-query attention only); the packed linears still apply. (qwen-asr leaves the decoder
     on SDPA even for attn_implementation:eager, so the config is set here directly.)"""
     clips = [speech_like(3.0, seed=5)]
     models_ = [_load(long_checkpoint, torch.bfloat16, fast=False) for _ in range(2)]
@@ -171,18 +171,15 @@ def test_growing_cache_returns_what_concatenation_returns() -> None:
     assert torch.equal(growing.update(key, value)[1], plain.update(key, value)[1])
 
 
-def test_growing_cache_holds_bf16_exactly_in_float32() -> None:
+def test_growing_cache_keeps_the_model_dtype_and_the_values() -> None:
     from transformers.cache_utils import DynamicLayer
 
     growing, plain = fast_decode._growing_layer_class()(4), DynamicLayer()
     for new in (10, 1, 1, 9):  # the prompt plus the spare 4, then a growth
         key, value = torch.randn(1, 2, new, 8).bfloat16(), torch.randn(1, 2, new, 8).bfloat16()
         got, expected = growing.update(key, value), plain.update(key, value)
-        if new == 10:
-            assert got[0].dtype == torch.bfloat16  # the prompt goes to SDPA as it came
-        else:
-            assert got[0].dtype == torch.float32
-        assert torch.equal(got[0].to(torch.bfloat16), expected[0]) and torch.equal(got[1].bfloat16(), expected[1])
+        assert got[0].dtype == got[1].dtype == torch.bfloat16
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("masked", [False, True])
