@@ -633,7 +633,8 @@ def _ready(harness: Harness) -> bool:
 def test_a_client_that_goes_away_frees_its_slot(
     harness: Harness, checkpoints: dict[str, Path], audio: dict[str, Path], how: str
 ) -> None:
-    _slow(harness, checkpoints, tokens=1000)
+    # 2500 tokens: at least 2.5 s (the fast decode path takes about 1 ms a token here), past the 1-s deadline.
+    _slow(harness, checkpoints, tokens=2500)
     request = backend_pb2.TranscriptRequest(dst=str(audio["long"]))
     future = harness.stub.AudioTranscription.future(request, timeout=120 if how == "cancel" else 1.0)
     _busy(harness, future)
