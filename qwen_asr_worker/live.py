@@ -250,11 +250,11 @@ class LiveSession:
         _, raw = self._decode(self._buffer)
         self._passes += 1
         if self._passes >= self.settings.unfixed_chunks:
-            kept = self._rolled_back(raw)
+            kept, total = self._rolled_back(raw)
             if len(kept) > len(self._raw) and kept.startswith(self._raw):  # never shorten what was finalized
                 self._raw = kept
                 self._raw_tokens = len(self.model.count_tokens(kept))
-                self._final_until = self._start + heard * self._raw_tokens / max(1, len(self.model.count_tokens(raw)))
+                self._final_until = self._start + heard * self._raw_tokens / max(1, total)
         delta = self._send(self._text_of(self._raw).rstrip())
         return [LiveUpdate(delta, final_until=self._final_until / SAMPLE_RATE)] if delta else []
 
@@ -312,16 +312,17 @@ class LiveSession:
                     future.cancel()
                     raise Cancelled("the client cancelled the live session") from None
 
-    def _rolled_back(self, raw: str) -> str:
-        """`raw` without its last `rollback_tokens` tokens (more if the cut splits a character)."""
+    def _rolled_back(self, raw: str) -> tuple[str, int]:
+        """`raw` without its last `rollback_tokens` tokens (more if the cut splits a character), and how many
+        tokens `raw` has."""
         ids = self.model.count_tokens(raw)
         keep = len(ids) - self.settings.rollback_tokens
         while keep > 0:
             text = self.model.detokenize(ids[:keep])
             if "\ufffd" not in text:
-                return text
+                return text, len(ids)
             keep -= 1
-        return ""
+        return "", len(ids)
 
     def _text_of(self, raw: str) -> str:
         """The transcript part of raw output: all of it with a forced language, else what follows the tag."""
