@@ -669,16 +669,22 @@ def decode(params: Params) -> Result:
 
 
 def bandwidth(params: Params) -> Result:
-    """Read bandwidth: `torch.sum` over a 2 GiB tensor with the worker's thread count, best of 5."""
+    """Read bandwidth: `torch.sum` over a 2 GiB tensor with the worker's thread count, best of 5; with
+    `--device cuda`, over a tensor in GPU memory (synchronized), since that is what a GPU decode step reads."""
     import torch
 
-    data = torch.ones(2**30, dtype=torch.bfloat16)
+    cuda = _cuda(params)
+    data = torch.ones(2**30, dtype=torch.bfloat16, device="cuda" if cuda else "cpu")
     best = float("inf")
     for _ in range(5):
+        if cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         data.sum()
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
-    return {"bytes": data.numel() * 2, "best_s": best, "gb_per_s": data.numel() * 2 / best / 1e9}
+    return {"bytes": data.numel() * 2, "best_s": best, "gb_per_s": data.numel() * 2 / best / 1e9, "cuda": cuda}
 
 
 def int8_fidelity(params: Params) -> Result:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile as sf
 import soxr
@@ -70,6 +69,8 @@ def write_audio(path: Path, samples: np.ndarray, rate: int, fmt: str, subtype: s
     muxer, codec, rates = _PYAV[fmt]
     data, rate = _fit_rate(data, rate, rates)
     layout = {1: "mono", 2: "stereo"}[data.shape[1]]
+    import av  # only the container formats need FFmpeg
+
     with av.open(str(path), "w", format=muxer) as box:
         stream = box.add_stream(codec, rate=rate, layout=layout)
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data.T, dtype=np.float32), format="fltp", layout=layout)
