@@ -182,6 +182,64 @@ def test_growing_cache_keeps_the_model_dtype_and_the_values() -> None:
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+def _logits(model: Any, clips: list[np.ndarray], contexts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Transcribe and return the texts and every step's logits, (steps, batch, vocab)."""
+    seen: list[torch.Tensor] = []
+    generate = model.model.generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        out = generate(*args, **{**kwargs, "output_logits": True})
+        seen.append(torch.stack(out.logits))
+        return out
+
+    model.model.generate = recording
+    try:
+        results = model.transcribe(audio=[(c, 16000) for c in clips], context=contexts)
+    finally:
+        model.model.generate = generate
+    return [r.text for r in results], torch.cat(seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weights(
+    long_checkpoint: Path, dtype: torch.dtype
+) -> None:
+    """The scripted checkpoint's layers add zero to the residual stream, so greedy tokens alone would not see a
+    wrong layer: here every decoder layer gets random weights first."""
+    import copy
+
+    stock = _load(long_checkpoint, dtype, fast=False, tokens=40)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in stock.model.thinker.model.layers.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.05 * torch.randn_like(param))
+    fused, unfused = copy.deepcopy(stock), copy.deepcopy(stock)
+    for model in (fused, unfused):
+        note = fast_decode.accelerate_decoder(model.model, device="cpu", dtype=dtype)
+        assert "one-step decoder layers" in note
+    for layer in unfused.model.thinker.model.layers:
+        assert isinstance(layer.forward, fast_decode._DecodeLayer)
+        del layer.forward  # back to the class's forward: the stacked products called module by module
+    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
+    contexts = ["", "a much longer context that pads the other prompt"]  # padding: the mask is exercised
+    texts, logits = _logits(fused, clips, contexts)
+    module_texts, module_logits = _logits(unfused, clips, contexts)
+    stock_texts, stock_logits = _logits(stock, clips, contexts)
+    assert logits.shape[0] >= 20 and logits.shape[1] == 2
+    assert texts == module_texts and torch.equal(logits, module_logits)  # the same operators on the same values
+    # Against transformers' own layers (unpacked weights, its cache and attention): the same tokens and logits
+    # within rounding, while the random layers moved the logits far more than that from the scripted model's.
+    _, scripted_logits = _logits(_load(long_checkpoint, dtype, fast=False, tokens=40), clips, contexts)
+    assert texts == stock_texts == [LONG, LONG]
+    scale = stock_logits.abs().max().item()
+    tolerance = (0.02 if dtype == torch.bfloat16 else 1e-5) * scale
+    assert (logits - stock_logits).abs().max().item() <= tolerance
+    assert (stock_logits - scripted_logits).abs().max().item() > 10 * tolerance
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_single_query_attention_matches_sdpa(masked: bool) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
