@@ -11,7 +11,7 @@ generates `CLIP_TOKENS` and longer audio `max_tokens_per_second` (2.7) per secon
 
 Quick mode (`--quick`, `make bench-quick`) takes fewer repetitions, bf16 only for
 figures 2, 3 and 6, and for the long-audio and voice-activity figures a reduced-depth model (full widths, 4+4
-layers) on 20 min vs 3 min and on 6 and 3 min files; full mode runs the real thing (full model, 60 min vs 3 min,
+layers) on 20 min vs 6 min and on 6 and 3 min files; full mode runs the real thing (full model, 60 min vs 6 min,
 both dtypes; 20 and 10 min files for voice activity).
 """
 
