@@ -41,14 +41,17 @@ def _load(
     )
 
 
-def _generate(model: Any, clips: list[np.ndarray], contexts: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Transcribe and return the texts and the generated token ids (prompt included)."""
+def _generate(
+    model: Any, clips: list[np.ndarray], contexts: list[str], *, logits: bool = False
+) -> tuple[list[str], torch.Tensor]:
+    """Transcribe and return the texts and the generated token ids (prompt included), or with `logits` every
+    step's logits, (steps, batch, vocab)."""
     seen: list[torch.Tensor] = []
     generate = model.model.generate
 
     def recording(*args: Any, **kwargs: Any) -> Any:
-        out = generate(*args, **kwargs)
-        seen.append(out.sequences)
+        out = generate(*args, **kwargs, **({"output_logits": True} if logits else {}))
+        seen.append(torch.stack(out.logits) if logits else out.sequences)
         return out
 
     model.model.generate = recording
@@ -182,24 +185,6 @@ def test_growing_cache_keeps_the_model_dtype_and_the_values() -> None:
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def _logits(model: Any, clips: list[np.ndarray], contexts: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Transcribe and return the texts and every step's logits, (steps, batch, vocab)."""
-    seen: list[torch.Tensor] = []
-    generate = model.model.generate
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        out = generate(*args, **{**kwargs, "output_logits": True})
-        seen.append(torch.stack(out.logits))
-        return out
-
-    model.model.generate = recording
-    try:
-        results = model.transcribe(audio=[(c, 16000) for c in clips], context=contexts)
-    finally:
-        model.model.generate = generate
-    return [r.text for r in results], torch.cat(seen)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weights(
     long_checkpoint: Path, dtype: torch.dtype
@@ -225,14 +210,14 @@ def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weig
         del layer.forward  # back to the class's forward: the stacked products called module by module
     clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
     contexts = ["", "a much longer context that pads the other prompt"]  # padding: the mask is exercised
-    texts, logits = _logits(fused, clips, contexts)
-    module_texts, module_logits = _logits(unfused, clips, contexts)
-    stock_texts, stock_logits = _logits(stock, clips, contexts)
+    texts, logits = _generate(fused, clips, contexts, logits=True)
+    module_texts, module_logits = _generate(unfused, clips, contexts, logits=True)
+    stock_texts, stock_logits = _generate(stock, clips, contexts, logits=True)
     assert logits.shape[0] >= 20 and logits.shape[1] == 2
     assert texts == module_texts and torch.equal(logits, module_logits)  # the same operators on the same values
     # Against transformers' own layers (unpacked weights, its cache and attention): the same tokens and logits
     # within rounding, while the random layers moved the logits far more than that from the scripted model's.
-    _, scripted_logits = _logits(_load(long_checkpoint, dtype, fast=False, tokens=40), clips, contexts)
+    _, scripted_logits = _generate(_load(long_checkpoint, dtype, fast=False, tokens=40), clips, contexts, logits=True)
     assert texts == stock_texts == [LONG, LONG]
     scale = stock_logits.abs().max().item()
     tolerance = (0.02 if dtype == torch.bfloat16 else 1e-5) * scale
