@@ -110,7 +110,7 @@ def make_config(args: argparse.Namespace) -> Config:
         quick=args.quick,
         device=args.device,
         threads=threads,
-        short_minutes=6.0,  # two 180-s windows: one batch at the default max_batch_seconds 360, as the long file's
+        short_minutes=6.0,  # its windows fill one batch of the default max_batch_seconds 360, as the long file's do
         quiet_wait_s=args.quiet_wait,
         omp_wait_policy=omp,
         worker_options=tuple(args.worker_option),

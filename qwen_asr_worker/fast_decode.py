@@ -469,7 +469,9 @@ class _DecodeLayer:
         self.head_eps = attn.q_norm.variance_epsilon
         self.o_proj, self.down_proj = attn.o_proj, layer.mlp.down_proj
         act = layer.mlp.act_fn
-        self.act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu if type(act) is nn.SiLU else act
+        # transformers' SiLUActivation (what `hidden_act: silu` gives) is F.silu in a module; call it directly.
+        silu = type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation"
+        self.act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu if silu else act
 
     @classmethod
     def build(cls, layer: nn.Module) -> _DecodeLayer | None:
@@ -484,15 +486,15 @@ class _DecodeLayer:
             return None
         return cls(layer, qkv, gate_up)
 
-    def __call__(
+    def __call__(  # the stock forward's parameters, in its order
         self,
         hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool | None = False,
         cache_position: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         if hidden_states.shape[1] != 1 or past_key_values is None or position_embeddings is None:
@@ -511,9 +513,9 @@ class _DecodeLayer:
         q_k, v = self.qkv.linear(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         q_k = _rms_norm(q_k.view(batch, 1, heads + kv_heads, dim), self.head_norm, self.head_eps)
         cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (batch, 1, 1, dim): every head of the one position
+        every_head = cos.unsqueeze(2), sin.unsqueeze(2)  # (batch, 1, 1, dim)
         half = dim // 2
-        q_k = (q_k * cos) + (torch.cat((-q_k[..., half:], q_k[..., :half]), dim=-1) * sin)
+        q_k = (q_k * every_head[0]) + (torch.cat((-q_k[..., half:], q_k[..., :half]), dim=-1) * every_head[1])
         query, key = q_k[:, :, :heads].transpose(1, 2), q_k[:, :, heads:].transpose(1, 2)
         value = v.view(batch, 1, kv_heads, dim).transpose(1, 2)
         cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from qwen_asr_worker import fast_decode, models
 from qwen_asr_worker.errors import InvalidRequest
-from qwen_asr_worker.testing.checkpoints import build_asr_checkpoint
+from qwen_asr_worker.testing.checkpoints import TINY_ASR, build_asr_checkpoint
 from tests.audio_fixtures import speech_like
 from tests.conftest import SENTENCE, Harness
 
@@ -185,14 +187,23 @@ def test_growing_cache_keeps_the_model_dtype_and_the_values() -> None:
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@pytest.fixture(scope="module")
+def grouped_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like `long_checkpoint`, with 8 query heads sharing 4 key/value heads (the tiny one has 2 and 1)."""
+    dims = dataclasses.replace(TINY_ASR, heads=8, kv_heads=4)
+    return build_asr_checkpoint(tmp_path_factory.mktemp("grouped") / "asr", sentence=LONG, dims=dims)
+
+
+@pytest.mark.parametrize("heads", ["2 on 1", "8 on 4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weights(
-    long_checkpoint: Path, dtype: torch.dtype
+    request: pytest.FixtureRequest, heads: str, dtype: torch.dtype
 ) -> None:
     """The scripted checkpoint's layers add zero to the residual stream, so greedy tokens alone would not see a
     wrong layer: here every decoder layer gets random weights first."""
     import copy
 
+    long_checkpoint = request.getfixturevalue("long_checkpoint" if heads == "2 on 1" else "grouped_checkpoint")
     stock = _load(long_checkpoint, dtype, fast=False, tokens=40)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -208,17 +219,30 @@ def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weig
     for layer in unfused.model.thinker.model.layers:
         assert isinstance(layer.forward, fast_decode._DecodeLayer)
         del layer.forward  # back to the class's forward: the stacked products called module by module
+    handed_on: list[int] = []  # the query lengths the one-step layers passed to the stock forward
+
+    def recording(stock: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            handed_on.append(hidden.shape[1])
+            return stock(hidden, *args, **kwargs)
+
+        return forward
+
+    for layer in fused.model.thinker.model.layers:
+        layer.forward.stock = recording(layer.forward.stock)
     clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
     contexts = ["", "a much longer context that pads the other prompt"]  # padding: the mask is exercised
     texts, logits = _generate(fused, clips, contexts, logits=True)
     module_texts, module_logits = _generate(unfused, clips, contexts, logits=True)
     stock_texts, stock_logits = _generate(stock, clips, contexts, logits=True)
     assert logits.shape[0] >= 20 and logits.shape[1] == 2
+    # Only the prompts went to the stock forward: every one-token step ran the one-step layer.
+    assert handed_on and 1 not in handed_on
     assert texts == module_texts and torch.equal(logits, module_logits)  # the same operators on the same values
     # Against transformers' own layers (unpacked weights, its cache and attention): the same tokens and logits
     # within rounding, while the random layers moved the logits far more than that from the scripted model's.
     _, scripted_logits = _generate(_load(long_checkpoint, dtype, fast=False, tokens=40), clips, contexts, logits=True)
-    assert texts == stock_texts == [LONG, LONG]
+    assert texts == stock_texts
     scale = stock_logits.abs().max().item()
     tolerance = (0.02 if dtype == torch.bfloat16 else 1e-5) * scale
     assert (logits - stock_logits).abs().max().item() <= tolerance
