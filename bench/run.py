@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import fixtures
+from qwen_asr_worker.options import PROMPT_TOKENS
 
 GIB = 2**30
 DEFAULT_MAX_BATCH_SECONDS = 360  # the worker's default (options.py), marked in figure 14
 VAD_TOKENS_PER_SECOND = 2.7  # what real speech decodes to (issue 11); figure 9's windows generate that many
-PROMPT_TOKENS = 16  # the worker's allowance for the language prefix (engine.PROMPT_TOKENS)
 # What `max_tokens_per_second:2.7` lets a 10-s clip generate: figures 1-6 and 8 (10-s clips, where the library
 # alternatives take only a token count) generate exactly this many, so every figure decodes at one density.
 CLIP_TOKENS = PROMPT_TOKENS + math.ceil(VAD_TOKENS_PER_SECOND * 10)
@@ -946,13 +946,14 @@ def plan(config: Config, paths: dict[str, str]) -> list[tuple[str, str, dict[str
             }
             steps.append((f"long14_{name}", "long_audio", params))
     decode_common = {**common, "dtype": "bf16", "clip10": paths["clip0"], "clip30": paths.get("clip30", "")}
+    cuda = config.device.startswith("cuda")
     if config.wants(10) or config.wants(11):
         steps.append(("bandwidth", "bandwidth", {}))
         # int8 is a CPU decode path: the loader refuses it on a GPU.
-        for mode in ("stock", "fast") if config.device.startswith("cuda") else ("stock", "fast", "int8"):
+        for mode in ("stock", "fast") if cuda else ("stock", "fast", "int8"):
             reps = 2 if config.quick else 3
             steps.append((f"decode_{mode}", "decode", {**decode_common, "mode": mode, "reps": reps}))
-    if config.wants(12) and not config.device.startswith("cuda"):
+    if config.wants(12) and not cuda:
         steps.append(("int8_fidelity", "int8_fidelity", decode_common))
     if config.wants(15):
         for sessions in LIVE_SESSIONS:

@@ -29,7 +29,7 @@ from .audio import SAMPLE_RATE
 from .batcher import AsrBatcher, AsrJob
 from .errors import ModelIdentityMismatch, NotReady, Unsupported
 from .live import LiveConfig, LiveSession
-from .options import WorkerOptions
+from .options import PROMPT_TOKENS, WorkerOptions
 from .pipeline import (  # the request types are re-exported: callers know them as the engine's
     Granularity,
     IsCancelled,
@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PROMPT_TOKENS = 16  # room for the "language X<asr_text>" prefix the model writes before the transcript
 
 
 class State(enum.Enum):

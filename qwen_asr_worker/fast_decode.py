@@ -454,10 +454,12 @@ class _DecodeLayer:
     stacked to match), so the values are the stock ones."""
 
     def __init__(self, layer: nn.Module, qkv: _Group, gate_up: _Group) -> None:
+        from qwen_asr.core.transformers_backend.modeling_qwen3_asr import rotate_half
+
         attn = layer.self_attn
         self.stock = layer.forward
-        self.layer_idx = attn.layer_idx
         self.attn = attn
+        self.rotate_half = rotate_half  # the stock rotary embedding's, applied to query and key heads at once
         self.heads = qkv.sizes[0] // attn.head_dim
         self.kv_heads = qkv.sizes[1] // attn.head_dim
         self.dim = attn.head_dim
@@ -513,13 +515,12 @@ class _DecodeLayer:
         q_k, v = self.qkv.linear(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         q_k = _rms_norm(q_k.view(batch, 1, heads + kv_heads, dim), self.head_norm, self.head_eps)
         cos, sin = position_embeddings
-        every_head = cos.unsqueeze(2), sin.unsqueeze(2)  # (batch, 1, 1, dim)
-        half = dim // 2
-        q_k = (q_k * every_head[0]) + (torch.cat((-q_k[..., half:], q_k[..., :half]), dim=-1) * every_head[1])
+        head_cos, head_sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (batch, 1, 1, dim): the same for every head
+        q_k = (q_k * head_cos) + (self.rotate_half(q_k) * head_sin)
         query, key = q_k[:, :, :heads].transpose(1, 2), q_k[:, :, heads:].transpose(1, 2)
         value = v.view(batch, 1, kv_heads, dim).transpose(1, 2)
         cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
-        key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
+        key, value = past_key_values.update(key, value, self.attn.layer_idx, cache_kwargs)
         out, _ = _decode_attention(self.attn, query, key, value, attention_mask, scaling=self.attn.scaling)
         hidden_states = hidden_states + self.o_proj(out.reshape(batch, 1, heads * dim))
         x = _rms_norm(hidden_states, self.post_norm.weight, self.post_norm.variance_epsilon)

@@ -35,6 +35,9 @@ class OptionsError(ValueError):
     """A `key:value` option is malformed, unknown or has a bad value."""
 
 
+PROMPT_TOKENS = 16  # `max_tokens_per_second` allows this many more, for the "language X<asr_text>" prefix
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     """Typed configuration from the model YAML's `options:` list; defaults are what users get with none."""
