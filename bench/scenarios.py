@@ -608,10 +608,8 @@ def _decoder_bytes(thinker: Any) -> int:
     for module in {id(m): m for m in [*thinker.model.modules(), thinker.lm_head]}.values():
         if isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
-        elif isinstance(module, fast_decode.PackedLinear):
+        elif isinstance(module, (fast_decode.PackedLinear, fast_decode.Int8Linear)):
             total += module.weight_bytes
-        elif isinstance(module, fast_decode.Int8Linear):
-            total += module.weight_int8.numel() + module.scale.numel() * module.scale.element_size()
     return total
 
 
@@ -692,7 +690,7 @@ def int8_fidelity(params: Params) -> Result:
     decode, on the scripted full-size checkpoint, teacher-free: each path generates on its own."""
     import torch
 
-    from qwen_asr_worker import fast_decode
+    from qwen_asr_worker import fast_decode, int8_kernel
 
     out: Result = {}
     clip = fixtures.read_clip(Path(params["clip10"]))
@@ -715,13 +713,14 @@ def int8_fidelity(params: Params) -> Result:
     torch.manual_seed(0)
     errors = []
     stock = _load_asr(params, "stock", tokens=8)
+    kernel, _ = int8_kernel.load()  # the int8 kernel the worker uses (None: torch's)
     rounding = []
     for module in stock.model.thinker.model.modules():
         if isinstance(module, nn.Linear) and bool(module.weight.any()):
             x = torch.randn(16, module.in_features, dtype=torch.bfloat16)
             exact = torch.nn.functional.linear(x.float(), module.weight.float())
             for into, got in (
-                (errors, fast_decode.Int8Linear(module)(x)),
+                (errors, fast_decode.Int8Linear(module, kernel)(x)),
                 (rounding, torch.nn.functional.linear(x, module.weight)),  # what bf16 itself costs, for scale
             ):
                 into.append(float((got.float() - exact).norm() / exact.norm()))

@@ -30,7 +30,8 @@ Profiling one decode step showed where, and each change below removes one cause:
   It now sees the last position only (on every device: that part is not CPU-specific).
 
 Opt-in `quantization:int8` stores the decoder's linear weights as int8 with one float scale per output channel
-(symmetric, round to nearest) and multiplies with torch's weight-only int8 kernel: half the bytes per token. Its
+(symmetric, round to nearest): half the bytes per token. They are multiplied by our blocked kernel
+(`int8_kernel`, compiled on this machine), or by torch's weight-only int8 kernel where that cannot be built. Its
 accuracy cannot be measured without the real weights; see the README.
 
 Everything here uses torch operators that are private (`torch.ops.mkldnn._linear_pointwise`,
@@ -41,6 +42,7 @@ changes anything, falling back to the stock path with one log line.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 from collections.abc import Callable
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runtime
+from . import int8_kernel, runtime
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +78,42 @@ class PackedLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and one scale per output channel; activations stay in their dtype."""
+    """A linear layer with int8 weights and one scale per output channel; activations stay in their dtype.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    With `kernel` (and a shape it takes), the weight is stored in that kernel's blocked layout and multiplied by it;
+    otherwise it stays row-major for torch's weight-only int8 kernel. The quantization is the same either way."""
+
+    def __init__(self, linear: nn.Linear, kernel: int8_kernel.Kernel | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer(
-            "weight_int8", torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        )
-        self.register_buffer("scale", scale.to(weight.dtype))
+        quantized = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.kernel = kernel if kernel is not None and kernel.fits(*quantized.shape) else None
+        if self.kernel is not None:
+            self.register_buffer("weight_int8", self.kernel.block(quantized))
+            self.register_buffer("scale", scale)  # float32: the kernel scales its float32 sums
+        else:
+            self.register_buffer("weight_int8", quantized)
+            self.register_buffer("scale", scale.to(weight.dtype))  # torch's kernel wants the activations' dtype
         self.bias = linear.bias
+        self.weight_bytes = quantized.numel() + self.scale.numel() * self.scale.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ (q * scale).T + b`."""
         flat = x.reshape(-1, x.shape[-1])
-        if flat.dtype != self.scale.dtype:
-            flat = flat.to(self.scale.dtype)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        if self.kernel is not None:
+            out = self.kernel.matmul(flat.contiguous(), self.weight_int8, self.scale)
+        else:
+            if flat.dtype != self.scale.dtype:
+                flat = flat.to(self.scale.dtype)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        how = f"blocked, {self.kernel.vector_bits}-bit kernel" if self.kernel is not None else "torch's kernel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel ({how})"
 
 
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears that always read the same input
@@ -160,6 +174,21 @@ def kernels_available(dtype: torch.dtype, quantization: str) -> str:
     return ""
 
 
+def _int8_kernel(dtype: torch.dtype) -> int8_kernel.Kernel | None:
+    """The blocked int8 kernel, checked against `F.linear` on a tiny input, or None (and a log line saying why)."""
+    kernel, why = int8_kernel.load()
+    if kernel is not None:
+        weight = torch.randn(8, 32).to(dtype)
+        x = torch.randn(3, 32).to(dtype)
+        expected = torch.nn.functional.linear(x, weight).float()
+        got = Int8Linear(_linear(weight), kernel)(x).float()
+        if float((got - expected).abs().max()) > 0.05 * float(expected.abs().max()) + 1e-3:
+            kernel, why = None, "its result differs from F.linear"
+    if kernel is None:
+        log.warning("blocked int8 kernel unavailable (%s); using torch's weight-only int8 kernel", why)
+    return kernel
+
+
 def _linear(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -190,7 +219,12 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
     if problem:
         log.warning("fast CPU decode unavailable (%s); using the stock transformers path", problem)
         return f"stock decode ({problem})"
-    factory: Callable[[nn.Linear], nn.Module] = Int8Linear if quantization == "int8" else PackedLinear
+    factory: Callable[[nn.Linear], nn.Module] = PackedLinear
+    kind = "oneDNN-packed"
+    if quantization == "int8":
+        kernel = _int8_kernel(dtype)
+        factory = functools.partial(Int8Linear, kernel=kernel)
+        kind = f"int8 per-channel ({f'blocked {kernel.vector_bits}-bit kernel' if kernel else 'torch kernel'})"
     mapped = _mapped_ranges()
     replaced: list[nn.Linear] = []
     for owner in list(thinker.model.modules()):
@@ -223,7 +257,6 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
             attention += ", one-step decoder layers"
     else:
         attention = f"{thinker.model.config._attn_implementation} attention and cache as they were"
-    kind = "int8 per-channel" if quantization == "int8" else "oneDNN-packed"
     return (
         f"fast CPU decode: {kind} decoder linears ({released / 2**20:.0f} MiB of mapped checkpoint pages returned), "
         f"{attention}, last-position prefill logits"

@@ -1,0 +1,189 @@
+/*
+ * Weight-only int8 matrix products for decoding: y = (x @ W.T) * scale, with W int8 (one scale per output row)
+ * and x, y in bfloat16 or float32. Built on the machine that runs it (qwen_asr_worker/int8_kernel.py), with
+ * -march=native, so the vector width is the CPU's own.
+ *
+ * Why not torch's own weight-only int8 kernel: on a decode step (one to a few rows of x) it streams the weights at
+ * about 0.8 of the memory bandwidth `torch.sum` reaches, because it reads four rows of W side by side, four
+ * streams per thread. Here W is stored in blocks: four output rows, then for each 16 input columns the four rows'
+ * 16 bytes one after another, so a block is one sequential stream, and the loop prefetches ahead of it.
+ *
+ * Layout of W (N rows, K columns, N % 4 == 0, K % 16 == 0): byte (n, k) lives at
+ *   (n / 4) * 4 * K + (k / 16) * 64 + (n % 4) * 16 + k % 16.
+ * Products are exact in float32 (int8 times a bfloat16 or float32 value), sums are float32, the result is rounded
+ * once to y's type (round to nearest even, as torch does).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 4      /* output rows per block */
+#define CHUNK 16    /* input columns per row in one run of bytes */
+#define AHEAD 1024  /* bytes of the block stream prefetched ahead */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Which vector code this build has: 512 (AVX-512), 256 (AVX2) or 0 (none: the caller must not use it). */
+int qa_int8_vector_bits(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+#define TILE 4 /* rows of x per pass over a block: 4 x 4 accumulators of 16 floats */
+/* Always inlined with a constant `mt`, so the accumulators stay in registers and the row loop unrolls. */
+static inline __attribute__((always_inline)) void block_dot_n(const float *xf, const int mt, int64_t K,
+                                                              const int8_t *p, float out[TILE][ROWS]) {
+    __m512 acc[TILE][ROWS];
+    for (int m = 0; m < TILE; m++)
+        for (int j = 0; j < ROWS; j++) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += CHUNK, p += ROWS * CHUNK) {
+        _mm_prefetch((const char *)(p + AHEAD), _MM_HINT_T0);
+        __m512 w[ROWS];
+        for (int j = 0; j < ROWS; j++)
+            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + j * CHUNK))));
+        for (int m = 0; m < TILE; m++) {
+            if (m < mt) {
+                __m512 xv = _mm512_loadu_ps(xf + k * TILE + m * CHUNK);
+                __asm__("" : "+v"(xv)); /* load x once per row, not once per product (the loads were the limit) */
+                for (int j = 0; j < ROWS; j++) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+            }
+        }
+    }
+    for (int m = 0; m < mt; m++)
+        for (int j = 0; j < ROWS; j++) out[m][j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TILE 2 /* 2 x 4 accumulators of 8 floats: AVX2 has 16 registers */
+static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __attribute__((always_inline)) void block_dot_n(const float *xf, const int mt, int64_t K,
+                                                              const int8_t *p, float out[TILE][ROWS]) {
+    __m256 acc[TILE][ROWS];
+    for (int m = 0; m < TILE; m++)
+        for (int j = 0; j < ROWS; j++) acc[m][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += CHUNK, p += ROWS * CHUNK) {
+        _mm_prefetch((const char *)(p + AHEAD), _MM_HINT_T0);
+        for (int half = 0; half < CHUNK; half += 8) {
+            __m256 w[ROWS];
+            for (int j = 0; j < ROWS; j++)
+                w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + j * CHUNK + half))));
+            for (int m = 0; m < TILE; m++) {
+                if (m < mt) {
+                    __m256 xv = _mm256_loadu_ps(xf + k * TILE + m * CHUNK + half);
+                    __asm__("" : "+x"(xv));
+                    for (int j = 0; j < ROWS; j++) acc[m][j] = _mm256_fmadd_ps(w[j], xv, acc[m][j]);
+                }
+            }
+        }
+    }
+    for (int m = 0; m < mt; m++)
+        for (int j = 0; j < ROWS; j++) out[m][j] = hsum256(acc[m][j]);
+}
+#endif
+
+#if defined(TILE)
+static void block_dot(const float *xf, int64_t mt, int64_t K, const int8_t *p, float out[TILE][ROWS]) {
+    switch (mt) {
+    case 1: block_dot_n(xf, 1, K, p, out); break;
+    case 2: block_dot_n(xf, 2, K, p, out); break;
+#if TILE == 4
+    case 3: block_dot_n(xf, 3, K, p, out); break;
+    case 4: block_dot_n(xf, 4, K, p, out); break;
+#endif
+    }
+}
+#endif
+
+/*
+ * y (M x N) = (x (M x K) @ W.T) * scale. x and y are bfloat16 when `bf16` is nonzero, else float32; scale is
+ * float32. Returns 0, or -1 when this build has no vector code or memory ran out (y untouched then).
+ */
+int qa_int8_matmul(const void *x, int bf16, const int8_t *w, const float *scale, void *y, int64_t M, int64_t N,
+                   int64_t K, int threads) {
+#if defined(TILE)
+    /* x as float32, a tile of TILE rows at a time, interleaved by CHUNK columns: (tile, k / CHUNK, row, k % CHUNK),
+     * so a chunk's rows are adjacent (rows K floats apart would share cache sets when K is a multiple of 1024). */
+    int64_t tiles = (M + TILE - 1) / TILE;
+    float *xf = malloc(sizeof(float) * (size_t)(tiles * TILE * K));
+    if (xf == NULL) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        float *row = xf + (m / TILE) * TILE * K + (m % TILE) * CHUNK;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t i = m * K + k;
+            row[(k / CHUNK) * TILE * CHUNK + k % CHUNK] = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        }
+    }
+    int64_t blocks = N / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *p = w + b * ROWS * K;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            int64_t mt = M - m0 < TILE ? M - m0 : TILE;
+            float out[TILE][ROWS];
+            block_dot(xf + m0 * K, mt, K, p, out); /* m0 is a multiple of TILE */
+            for (int64_t m = 0; m < mt; m++) {
+                for (int j = 0; j < ROWS; j++) {
+                    int64_t n = b * ROWS + j, at = (m0 + m) * N + n;
+                    float v = out[m][j] * scale[n];
+                    if (bf16)
+                        ((uint16_t *)y)[at] = f32_to_bf16(v);
+                    else
+                        ((float *)y)[at] = v;
+                }
+            }
+        }
+    }
+    free(xf);
+    return 0;
+#else
+    (void)x, (void)bf16, (void)w, (void)scale, (void)y, (void)M, (void)N, (void)K, (void)threads;
+    return -1;
+#endif
+}
+
+/*
+ * Rows [row0, row0 + rows) of W as their integer values, row-major, in bfloat16 or float32 (both hold -127..127
+ * exactly): for products with many rows of x, which a general matrix product does better than this kernel.
+ */
+void qa_int8_unpack(const int8_t *w, int bf16, void *out, int64_t K, int64_t row0, int64_t rows, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t n = row0 + r;
+        const int8_t *p = w + (n / ROWS) * ROWS * K + (n % ROWS) * CHUNK;
+        for (int64_t k = 0; k < K; k += CHUNK, p += ROWS * CHUNK) {
+            for (int i = 0; i < CHUNK; i++) {
+                float v = (float)p[i];
+                if (bf16)
+                    ((uint16_t *)out)[r * K + k + i] = f32_to_bf16(v);
+                else
+                    ((float *)out)[r * K + k + i] = v;
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+"""The blocked int8 kernel: its products against a float64 reference, its layout, its builds and its fallback."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_asr_worker import fast_decode, int8_kernel, models
+from qwen_asr_worker.testing.checkpoints import build_asr_checkpoint
+from tests.audio_fixtures import speech_like
+from tests.test_fast_decode import LONG, _generate, _load
+
+KERNEL, WHY = int8_kernel.load()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no int8 kernel here: {WHY}")
+
+
+@pytest.fixture
+def fresh_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty kernel cache folder and a `load()` that has not run yet; the real cache is back afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    int8_kernel.load.cache_clear()
+    yield tmp_path / "qwen-asr-worker"
+    int8_kernel.load.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_asr_checkpoint(tmp_path_factory.mktemp("int8") / "asr", sentence=LONG)
+
+
+def _quantized(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale = torch.rand(n, generator=gen) / 64 + 1e-3
+    return weight, scale
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.double() @ weight.double().T * scale.double()
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, roundings: int) -> None:
+    """Each output within `roundings` roundings to `dtype` of the exact value (sums are float32: a little more)."""
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
+    slack = 1e-5 * ref.abs().max().item()  # float32 summation over K terms
+    assert ((got.double() - ref).abs() <= roundings * unit * ref.abs() + slack).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 48, 49, 80])
+def test_products_match_a_float64_reference(dtype: torch.dtype, rows: int) -> None:
+    assert KERNEL is not None
+    weight, scale = _quantized(40, 96, seed=rows)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got = KERNEL.matmul(x, KERNEL.block(weight), scale)
+    assert got.dtype == dtype and got.shape == (rows, 40)
+    # Up to MAX_KERNEL_ROWS the kernel rounds once; past it the general product's output, the scale in the
+    # activations' dtype and their product are three roundings.
+    _assert_close(got, _reference(x, weight, scale), dtype, 1 if rows <= int8_kernel.MAX_KERNEL_ROWS else 3)
+
+
+@needs_kernel
+def test_decoder_sized_products_and_the_output_projection_in_slices() -> None:
+    """The 0.6B model's widest layer (6144 x 1024), and a general product over more rows than one unpacked slice."""
+    assert KERNEL is not None
+    for n, k, rows in ((6144, 1024, 1), (6144, 1024, 3), (int8_kernel._UNPACK_ROWS + 8, 64, 60)):
+        weight, scale = _quantized(n, k, seed=n)
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        got = KERNEL.matmul(x, KERNEL.block(weight), scale)
+        _assert_close(got, _reference(x, weight, scale), torch.bfloat16, 1 if rows <= 48 else 3)
+
+
+@needs_kernel
+def test_blocked_layout_round_trips() -> None:
+    assert KERNEL is not None
+    weight, _ = _quantized(24, 48, seed=2)
+    blocked = KERNEL.block(weight)
+    assert blocked.shape == weight.shape and not torch.equal(blocked, weight)
+    assert torch.equal(KERNEL.unpack(blocked, 0, 24, torch.float32), weight.float())
+    assert torch.equal(KERNEL.unpack(blocked, 5, 11, torch.bfloat16), weight[5:16].to(torch.bfloat16))
+
+
+@needs_kernel
+def test_thread_count_does_not_change_a_bit() -> None:
+    assert KERNEL is not None
+    weight, scale = _quantized(64, 128, seed=4)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    blocked = KERNEL.block(weight)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = KERNEL.matmul(x, blocked, scale)
+        torch.set_num_threads(2)
+        two = KERNEL.matmul(x, blocked, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_the_avx2_build_gives_the_same_products(fresh_load: Path) -> None:
+    """The AVX2 code never runs on an AVX-512 machine unless asked for: build it for a Haswell."""
+    avx2 = int8_kernel.build(march="haswell")
+    assert avx2.vector_bits == 256
+    weight, scale = _quantized(40, 96, seed=9)
+    for rows in (1, 2, 3, 7):
+        x = torch.randn(rows, 96).to(torch.bfloat16)
+        _assert_close(avx2.matmul(x, avx2.block(weight), scale), _reference(x, weight, scale), torch.bfloat16, 1)
+
+
+def test_a_build_without_vector_code_is_refused(fresh_load: Path) -> None:
+    with pytest.raises(int8_kernel.KernelUnavailable, match=r"no AVX-512 or AVX2\+FMA code for -march=x86-64"):
+        int8_kernel.build(march="x86-64")
+
+
+@needs_kernel
+def test_the_build_is_cached_per_machine(fresh_load: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiles: list[list[str]] = []
+    run = subprocess.run
+
+    def counting(args: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        if "-c" in args:
+            compiles.append(args)
+        return run(args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(int8_kernel.subprocess, "run", counting)
+    first, why = int8_kernel.load()
+    assert first is not None, why
+    int8_kernel.load.cache_clear()
+    second, _ = int8_kernel.load()
+    assert second is not None and second.path == first.path and first.path.parent == fresh_load
+    assert len(compiles) == 1 and "-march=native" in compiles[0]
+
+
+@needs_kernel
+def test_the_kernel_runs_on_torchs_openmp_runtime() -> None:
+    """The kernel's threads are torch's pool: it needs the runtime torch loaded (by its SONAME), not another copy
+    (scikit-learn, which librosa imports, brings its own)."""
+    assert KERNEL is not None
+    runtime = int8_kernel._openmp_runtime()
+    assert Path(runtime).resolve().is_relative_to(Path(torch.__file__).resolve().parent)
+
+    def dynamic(path: str | Path, tag: str) -> list[str]:
+        out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+        return [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if f"({tag})" in line]
+
+    openmp_needed = [name for name in dynamic(KERNEL.path, "NEEDED") if "gomp" in name or "iomp" in name]
+    assert openmp_needed == dynamic(runtime, "SONAME")
+
+
+@needs_kernel
+def test_int8_model_uses_the_kernel_and_says_the_same(checkpoint: Path) -> None:
+    model = _load(checkpoint, torch.bfloat16, fast=True, quantization="int8")
+    layers = [m for m in model.model.thinker.model.modules() if isinstance(m, fast_decode.Int8Linear)]
+    assert layers and all(layer.kernel is not None for layer in layers)
+    head = model.model.thinker.lm_head  # the tiny vocabulary (517) is no multiple of 4: torch's kernel, as designed
+    assert isinstance(head, fast_decode.Int8Linear) and head.out_features % 4 and head.kernel is None
+    texts, _ = _generate(model, [speech_like(3.0, seed=1), speech_like(6.0, seed=2)], ["", "a longer context"])
+    assert texts == [LONG, LONG]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 60])
+def test_the_kernel_and_torchs_kernel_agree_on_a_linear_layer(rows: int) -> None:
+    """Same quantization, two kernels: the outputs differ by rounding only."""
+    linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+    ours, torchs = fast_decode.Int8Linear(linear, KERNEL), fast_decode.Int8Linear(linear)
+    assert ours.kernel is KERNEL and torchs.kernel is None
+    x = torch.randn(2, rows, 256).to(torch.bfloat16)
+    a, b = ours(x).float(), torchs(x).float()
+    assert a.shape == b.shape == (2, rows, 96)
+    assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
+
+
+def test_without_a_compiler_int8_keeps_torchs_kernel(
+    fresh_load: Path,
+    checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("CC", str(fresh_load / "no-such-cc"))
+    with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
+        model = models.load_asr(
+            str(checkpoint), device="cpu", dtype=torch.bfloat16, attn_implementation="sdpa",
+            max_inference_batch_size=8, max_new_tokens=300, fast_decode=True, quantization="int8",
+        )  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "blocked int8 kernel unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no C compiler" in warnings[0] and "no-such-cc" in warnings[0]
+    layers = [m for m in model.model.modules() if isinstance(m, fast_decode.Int8Linear)]
+    assert layers and all(layer.kernel is None for layer in layers)
+    assert any("int8 per-channel (torch kernel)" in r.getMessage() for r in caplog.records)
+    assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
