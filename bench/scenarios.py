@@ -690,7 +690,7 @@ def int8_fidelity(params: Params) -> Result:
     decode, on the scripted full-size checkpoint, teacher-free: each path generates on its own."""
     import torch
 
-    from qwen_asr_worker import fast_decode, int8_kernel
+    from qwen_asr_worker import cpu_kernels, fast_decode
 
     out: Result = {}
     clip = fixtures.read_clip(Path(params["clip10"]))
@@ -713,7 +713,7 @@ def int8_fidelity(params: Params) -> Result:
     torch.manual_seed(0)
     errors = []
     stock = _load_asr(params, "stock", tokens=8)
-    kernel, _ = int8_kernel.load()  # the int8 kernel the worker uses (None: torch's)
+    kernel, _ = cpu_kernels.load()  # the int8 kernel the worker uses (None: torch's)
     rounding = []
     for module in stock.model.thinker.model.modules():
         if isinstance(module, nn.Linear) and bool(module.weight.any()):

@@ -31,7 +31,7 @@ Profiling one decode step showed where, and each change below removes one cause:
 
 Opt-in `quantization:int8` stores the decoder's linear weights as int8 with one float scale per output channel
 (symmetric, round to nearest): half the bytes per token. They are multiplied by our blocked kernel
-(`int8_kernel`, compiled on this machine), or by torch's weight-only int8 kernel where that cannot be built. Its
+(`cpu_kernels`, compiled on this machine), or by torch's weight-only int8 kernel where that cannot be built. Its
 accuracy cannot be measured without the real weights; see the README.
 
 Everything here uses torch operators that are private (`torch.ops.mkldnn._linear_pointwise`,
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import int8_kernel, runtime
+from . import cpu_kernels, runtime
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Int8Linear(nn.Module):
     With `kernel` (and a shape it takes), the weight is stored in that kernel's blocked layout and multiplied by it;
     otherwise it stays row-major for torch's weight-only int8 kernel. The quantization is the same either way."""
 
-    def __init__(self, linear: nn.Linear, kernel: int8_kernel.Kernel | None = None) -> None:
+    def __init__(self, linear: nn.Linear, kernel: cpu_kernels.Kernels | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
@@ -103,7 +103,7 @@ class Int8Linear(nn.Module):
         """`x @ (q * scale).T + b`."""
         flat = x.reshape(-1, x.shape[-1])
         if self.kernel is not None:
-            out = self.kernel.matmul(flat.contiguous(), self.weight_int8, self.scale)
+            out = self.kernel.int8_matmul(flat.contiguous(), self.weight_int8, self.scale)
         else:
             if flat.dtype != self.scale.dtype:
                 flat = flat.to(self.scale.dtype)
@@ -174,9 +174,10 @@ def kernels_available(dtype: torch.dtype, quantization: str) -> str:
     return ""
 
 
-def _int8_kernel(dtype: torch.dtype) -> int8_kernel.Kernel | None:
-    """The blocked int8 kernel, checked against `F.linear` on a tiny input, or None (and a log line saying why)."""
-    kernel, why = int8_kernel.load()
+def _cpu_kernels(dtype: torch.dtype) -> cpu_kernels.Kernels | None:
+    """Our compiled decode kernels, the int8 product checked against `F.linear` on a tiny input, or None (and a log
+    line saying why)."""
+    kernel, why = cpu_kernels.load()
     if kernel is not None:
         weight = torch.randn(8, 32).to(dtype)
         x = torch.randn(3, 32).to(dtype)
@@ -185,7 +186,7 @@ def _int8_kernel(dtype: torch.dtype) -> int8_kernel.Kernel | None:
         if float((got - expected).abs().max()) > 0.05 * float(expected.abs().max()) + 1e-3:
             kernel, why = None, "its result differs from F.linear"
     if kernel is None:
-        log.warning("blocked int8 kernel unavailable (%s); using torch's weight-only int8 kernel", why)
+        log.warning("CPU decode kernels unavailable (%s); using torch's operators and int8 kernel", why)
     return kernel
 
 
@@ -219,12 +220,12 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
     if problem:
         log.warning("fast CPU decode unavailable (%s); using the stock transformers path", problem)
         return f"stock decode ({problem})"
+    kernels = _cpu_kernels(dtype)
     factory: Callable[[nn.Linear], nn.Module] = PackedLinear
     kind = "oneDNN-packed"
     if quantization == "int8":
-        kernel = _int8_kernel(dtype)
-        factory = functools.partial(Int8Linear, kernel=kernel)
-        kind = f"int8 per-channel ({f'blocked {kernel.vector_bits}-bit kernel' if kernel else 'torch kernel'})"
+        factory = functools.partial(Int8Linear, kernel=kernels)
+        kind = f"int8 per-channel ({f'blocked {kernels.vector_bits}-bit kernel' if kernels else 'torch kernel'})"
     mapped = _mapped_ranges()
     replaced: list[nn.Linear] = []
     for owner in list(thinker.model.modules()):
@@ -253,8 +254,8 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
     attention = "in-place key/value cache, single-query attention"
     if _install_decode_attention(thinker):
         _install_growing_cache(thinker)  # its buffers are for our attention, which reads their views in place
-        if _install_decode_layers(thinker):
-            attention += ", one-step decoder layers"
+        if _install_decode_layers(thinker, kernels):
+            attention += f", one-step decoder layers ({'C' if kernels else 'torch'} operators)"
     else:
         attention = f"{thinker.model.config._attn_implementation} attention and cache as they were"
     return (
@@ -415,6 +416,22 @@ def _growing_layer_class() -> type:
                 return key_states, value_states
             return self.keys, self.values
 
+        def open_slot(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+            """The key and value buffers, with room made for one more position, and that position, for a caller
+            that writes it in place (then `close_slot`); None before the prompt has filled the cache."""
+            if not self.is_initialized or self._key_buffer is None or self._value_buffer is None:
+                return None
+            if self._length + 1 > self._key_buffer.shape[-2]:
+                self._grow(self._key_buffer, self._value_buffer, self._length + 1 + max(_GROWTH, self._length + 1))
+            return self._key_buffer, self._value_buffer, self._length
+
+        def close_slot(self) -> None:
+            """The position `open_slot` gave has been written."""
+            assert self._key_buffer is not None and self._value_buffer is not None
+            self._length += 1
+            self.keys = self._key_buffer[:, :, : self._length]
+            self.values = self._value_buffer[:, :, : self._length]
+
         def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
             def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
                 shape = (*like.shape[:-2], capacity, like.shape[-1])
@@ -460,11 +477,11 @@ def _growing_layer_class() -> type:
 
 
 # --- a decoder layer for one new token per sequence --------------------------------------------------------------
-def _install_decode_layers(thinker: nn.Module) -> int:
+def _install_decode_layers(thinker: nn.Module, kernels: cpu_kernels.Kernels | None) -> int:
     """Give every decoder layer that has the stacked products a `_DecodeLayer` forward; returns how many got one."""
     done = 0
     for layer in thinker.model.layers:
-        step = _DecodeLayer.build(layer)
+        step = _DecodeLayer.build(layer, kernels)
         if step is not None:
             layer.forward = step  # an instance attribute: `nn.Module.__call__` finds it before the class's
             done += 1
@@ -481,12 +498,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 class _DecodeLayer:
     """A decoder layer's forward for a step that adds one token per sequence; anything else goes to the stock one.
 
-    The stock layer calls 15 modules and about 90 operators per step. This calls the 4 linear products and the
-    operators between them: q, k and v are split from their stacked product, and the query and key heads go
-    through RMSNorm and the rotary embedding as one tensor (both act on each head on its own; their weights are
-    stacked to match), so the values are the stock ones."""
+    The stock layer calls 15 modules and about 90 operators per step. This calls the 4 linear products and, with
+    our compiled `kernels`, four calls for everything between them (`decode_ops.c`: the same operators, rounded
+    where torch rounds, float32 sums in their own order). Without them it runs the torch operators between the
+    products: q, k and v are split from their stacked product, and the query and key heads go through RMSNorm and
+    the rotary embedding as one tensor (both act on each head on its own; their weights are stacked to match), so
+    the values are the stock ones to the bit."""
 
-    def __init__(self, layer: nn.Module, qkv: _Group, gate_up: _Group) -> None:
+    def __init__(self, layer: nn.Module, qkv: _Group, gate_up: _Group, kernels: cpu_kernels.Kernels | None) -> None:
         from qwen_asr.core.transformers_backend.modeling_qwen3_asr import rotate_half
 
         attn = layer.self_attn
@@ -497,6 +516,7 @@ class _DecodeLayer:
         self.kv_heads = qkv.sizes[1] // attn.head_dim
         self.dim = attn.head_dim
         self.qkv, self.gate_up = qkv, gate_up
+        self.kernels = kernels
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.head_norm = torch.cat(
             [attn.q_norm.weight.expand(self.heads, -1), attn.k_norm.weight.expand(self.kv_heads, -1)]
@@ -509,7 +529,7 @@ class _DecodeLayer:
         self.act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu if silu else act
 
     @classmethod
-    def build(cls, layer: nn.Module) -> _DecodeLayer | None:
+    def build(cls, layer: nn.Module, kernels: cpu_kernels.Kernels | None = None) -> _DecodeLayer | None:
         """The step for `layer`, or None where it lacks what the step relies on (stacked q/k/v and gate/up, one
         epsilon for the query and key norms)."""
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -519,7 +539,7 @@ class _DecodeLayer:
         gate_up = _stacked(mlp.gate_proj, mlp.up_proj)
         if qkv is None or gate_up is None or attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
             return None
-        return cls(layer, qkv, gate_up)
+        return cls(layer, qkv, gate_up, kernels)
 
     def __call__(  # the stock forward's parameters, in its order
         self,
@@ -543,6 +563,10 @@ class _DecodeLayer:
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
+        if self.kernels is not None:
+            out = self._with_kernels(self.kernels, hidden_states, position_embeddings, attention_mask, past_key_values)
+            if out is not None:
+                return out
         batch, heads, kv_heads, dim = hidden_states.shape[0], self.heads, self.kv_heads, self.dim
         x = _rms_norm(hidden_states, self.input_norm.weight, self.input_norm.variance_epsilon)
         q_k, v = self.qkv.linear(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
@@ -559,6 +583,44 @@ class _DecodeLayer:
         x = _rms_norm(hidden_states, self.post_norm.weight, self.post_norm.variance_epsilon)
         gate, up = self.gate_up.linear(x).split(self.gate_up.sizes, dim=-1)
         return hidden_states + self.down_proj(self.act(gate) * up)
+
+    def _with_kernels(
+        self,
+        kernels: cpu_kernels.Kernels,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+    ) -> torch.Tensor | None:
+        """The step with our compiled operators between the products; None where they do not apply (the torch
+        operators run instead): another dtype, a cache or mask they do not know, non-contiguous input."""
+        cache = past_key_values.layers[self.attn.layer_idx]
+        if (
+            hidden_states.dtype not in (torch.bfloat16, torch.float32)
+            or not hidden_states.is_contiguous()
+            or not hasattr(cache, "open_slot")
+            or (attention_mask is not None and attention_mask.dtype != torch.bool)
+        ):
+            return None
+        slot = cache.open_slot()
+        if slot is None:
+            return None
+        key_buffer, value_buffer, position = slot
+        keep = None
+        if attention_mask is not None:  # (batch, 1, 1, >= length), True where attended
+            keep = attention_mask[:, 0, 0, : position + 1].contiguous()
+        cos, sin = (t.contiguous() for t in position_embeddings)
+        x = kernels.rms_norm(hidden_states, self.input_norm.weight, self.input_norm.variance_epsilon)
+        attended = kernels.attend(
+            self.qkv.linear(x), self.head_norm, self.head_eps, cos, sin, (key_buffer, value_buffer), position, keep,
+            self.attn.scaling, self.heads,
+        )  # fmt: skip
+        cache.close_slot()
+        projected = self.o_proj(attended.view(hidden_states.shape[0], 1, -1))
+        norm = self.post_norm
+        summed, x = kernels.add_rms_norm(hidden_states, projected, norm.weight, norm.variance_epsilon)
+        gate, up = self.gate_up.linear(x).split(self.gate_up.sizes, dim=-1)
+        return summed + self.down_proj(self.act(gate) * up)
 
 
 def _stacked(*members: nn.Module) -> _Group | None:

@@ -1,14 +1,18 @@
-"""The int8 decode kernel (`kernels/int8_matmul.c`): compiled on this machine on first use, cached, called with ctypes.
+"""Our CPU decode kernels (`kernels/*.c`): compiled on this machine on first use, cached, called with ctypes.
 
-`quantization:int8` halves the bytes a decode step reads, but torch's weight-only int8 kernel streams them at about
-0.8 of the memory bandwidth, so int8 was barely faster than packed bf16. The C kernel stores each weight matrix in
-blocks that are one sequential stream and reaches about the bandwidth `torch.sum` does (see the source's comment).
+Two things in a CPU decode step were left that torch does not do well:
 
-It is compiled here rather than shipped, with `-march=native`, because its vector code (AVX-512 or AVX2) must match
-the CPU it runs on, and a C compiler is cheap to have where torch already is; compiling takes under a second and the
-result is cached per source, compiler and CPU. Its OpenMP loop runs on the OpenMP runtime torch has loaded (linked
-by path), so the process keeps one thread pool. Without a compiler, without AVX2, or without that runtime, `load()`
-says why and the caller keeps torch's kernel.
+* `quantization:int8` halves the bytes a step reads, but torch's weight-only int8 kernel streams them at about 0.8
+  of the memory bandwidth, so int8 was barely faster than packed bf16. `int8_matmul.c` stores each weight matrix in
+  blocks that are one sequential stream and reaches about the bandwidth `torch.sum` does.
+* Between its matrix products a decoder layer ran about sixty small torch operators per step, a few microseconds of
+  dispatch each for a few kilobytes of work: milliseconds per token. `decode_ops.c` does them in four calls.
+
+They are compiled here rather than shipped, with `-march=native`, because the vector code (AVX-512 or AVX2) must
+match the CPU it runs on, and a C compiler is cheap to have where torch already is; compiling takes about a second
+and the result is cached per source, compiler and CPU. The OpenMP loops run on the OpenMP runtime torch has loaded
+(linked by path), so the process keeps one thread pool. Without a compiler, without AVX2, or without that runtime,
+`load()` says why and the callers keep torch's operators.
 """
 
 from __future__ import annotations
@@ -22,19 +26,20 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "int8_matmul.c"
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("int8_matmul.c", "decode_ops.c"))
 ROWS, CHUNK = 4, 16  # the blocked layout's shape; must match the source
 MAX_KERNEL_ROWS = 48  # rows of x up to which the kernel beats unpacking the weights for a general product (measured)
 _UNPACK_ROWS = 16384  # output rows unpacked at a time for a general product (32 MiB in bf16 for K = 1024)
 
 
 @dataclass(frozen=True)
-class Kernel:
+class Kernels:
     """The loaded kernel library."""
 
     lib: ctypes.CDLL
@@ -52,7 +57,7 @@ class Kernel:
         n, k = weight.shape
         return weight.reshape(n // ROWS, ROWS, k // CHUNK, CHUNK).transpose(1, 2).contiguous().reshape(n, k)
 
-    def matmul(self, x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def int8_matmul(self, x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """`(x @ W.T) * scale` for a contiguous 2-D bf16/fp32 `x`, the blocked int8 `W` and float32 `scale`."""
         rows, n = x.shape[0], blocked.shape[0]
         if rows > MAX_KERNEL_ROWS:
@@ -84,10 +89,67 @@ class Kernel:
             out[:, row0 : row0 + rows] = torch.nn.functional.linear(x, self.unpack(blocked, row0, rows, x.dtype))
         return out.mul_(scale.to(x.dtype))
 
+    # --- the operators between a decoder layer's products (decode_ops.c); tensors contiguous, bf16 or fp32 ---
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """qwen-asr's RMSNorm over the last dimension of `x`; `weight` is one row, or one row per row of `x`'s
+        second-to-last dimension (the query and key heads' stacked norms)."""
+        dim = x.shape[-1]
+        out = torch.empty_like(x)
+        rows, weight_rows = x.numel() // dim, weight.numel() // dim
+        self.lib.qa_rms_norm(
+            x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, weight_rows, eps, _bf16(x)
+        )  # fmt: skip
+        return out
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(residual + delta, RMSNorm(residual + delta))`: the residual sum and the next block's input."""
+        dim = residual.shape[-1]
+        summed, normed = torch.empty_like(residual), torch.empty_like(residual)
+        self.lib.qa_add_rms_norm(
+            residual.data_ptr(), delta.data_ptr(), summed.data_ptr(), normed.data_ptr(), weight.data_ptr(),
+            residual.numel() // dim, dim, eps, _bf16(residual),
+        )  # fmt: skip
+        return summed, normed
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        head_norm: torch.Tensor,
+        eps: float,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor],
+        position: int,
+        keep: torch.Tensor | None,
+        scaling: float,
+        heads: int,
+    ) -> torch.Tensor:
+        """One token's attention block after the q/k/v product (see `qa_attend`): the new key and value go into the
+        cache buffers (batch, kv_heads, capacity, dim) at `position`; returns (batch, heads * dim)."""
+        key_cache, value_cache = caches
+        batch, kv_heads, capacity, dim = key_cache.shape
+        out = qkv.new_empty((batch, heads * dim))
+        threads = torch.get_num_threads()
+        queries = torch.empty(batch * heads * dim, dtype=torch.float32)
+        scores = torch.empty(threads * (heads // kv_heads) * (position + 1), dtype=torch.float32)
+        self.lib.qa_attend(
+            qkv.data_ptr(), head_norm.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(),
+            value_cache.data_ptr(), capacity, position, None if keep is None else keep.data_ptr(), scaling,
+            out.data_ptr(), batch, heads, kv_heads, dim, queries.data_ptr(), scores.data_ptr(), threads, _bf16(qkv),
+        )  # fmt: skip
+        return out
+
+
+def _bf16(tensor: torch.Tensor) -> int:
+    return int(tensor.dtype == torch.bfloat16)
+
 
 @functools.cache
-def load() -> tuple[Kernel | None, str]:
-    """The kernel, or None and why it cannot run here. Compiles once per machine (cached), loads once per process."""
+def load() -> tuple[Kernels | None, str]:
+    """The kernels, or None and why they cannot run here. Compiled once per machine (cached), loaded once per
+    process."""
     try:
         return build(), ""
     except KernelUnavailable as exc:
@@ -98,8 +160,8 @@ class KernelUnavailable(Exception):
     """The kernel cannot be built or run here; the message says why."""
 
 
-def build(march: str = "native") -> Kernel:
-    """Compile (unless cached) and load the kernel for `-march=<march>`; `load()` is this, once, for the CPU here.
+def build(march: str = "native") -> Kernels:
+    """Compile (unless cached) and load the kernels for `-march=<march>`; `load()` is this, once, for the CPU here.
 
     Raises:
         KernelUnavailable: no C compiler, no OpenMP runtime in the process, or no AVX2/AVX-512 code for `march`.
@@ -111,9 +173,10 @@ def build(march: str = "native") -> Kernel:
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"no C compiler ({compiler!r}: {type(exc).__name__}); install gcc or set CC") from exc
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.stdout.encode(), _cpu_flags().encode(), openmp.encode(), march.encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), version.stdout.encode(), _cpu_flags().encode()):
         key.update(part)
-    path = _cache_dir() / f"int8_matmul-{key.hexdigest()[:16]}.so"
+    key.update(f"{openmp} {march}".encode())
+    path = _cache_dir() / f"qwen_asr_kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         _compile(compiler, openmp, march, path)
     lib = ctypes.CDLL(str(path))
@@ -123,35 +186,43 @@ def build(march: str = "native") -> Kernel:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
     ]  # fmt: skip
-    lib.qa_int8_unpack.restype = None
-    lib.qa_int8_unpack.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-    ]  # fmt: skip
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures: dict[str, list[Any]] = {
+        "qa_int8_unpack": [p, i32, p, i64, i64, i64, i32],
+        "qa_rms_norm": [p, p, p, i64, i64, i64, f32, i32],
+        "qa_add_rms_norm": [p, p, p, p, p, i64, i64, f32, i32],
+        "qa_attend": [p, p, f32, p, p, p, p, i64, i64, p, f32, p, i64, i64, i64, i64, p, p, i32, i32],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = None, argtypes
     bits = lib.qa_int8_vector_bits()
     if bits == 0:
         raise KernelUnavailable(f"no AVX-512 or AVX2+FMA code for -march={march} (the CPU has neither)")
-    return Kernel(lib, bits, path)
+    return Kernels(lib, bits, path)
 
 
 def _compile(compiler: str, openmp: str, march: str, path: Path) -> None:
     """Build the shared library at `path` (atomically: concurrent workers may build it at once)."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        obj, lib = Path(work) / "int8_matmul.o", Path(work) / path.name
+        objects = [str(Path(work) / f"{source.stem}.o") for source in SOURCES]
+        lib = Path(work) / path.name
+        flags = ["-O3", f"-march={march}", "-fopenmp", "-fPIC"]
         # Linking the runtime torch loaded, by path and without -fopenmp, keeps one OpenMP thread pool.
-        steps = (
-            [compiler, "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-c", str(SOURCE), "-o", str(obj)],
-            [compiler, "-shared", str(obj), openmp, "-o", str(lib)],
-        )
+        steps = [
+            *([compiler, *flags, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects, strict=True)),
+            [compiler, "-shared", *objects, openmp, "-lm", "-o", str(lib)],
+        ]
         for step in steps:
             try:
                 done = subprocess.run(step, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as exc:
-                raise KernelUnavailable(f"compiling the int8 kernel failed ({type(exc).__name__}: {exc})") from exc
+                raise KernelUnavailable(f"compiling the kernels failed ({type(exc).__name__}: {exc})") from exc
             if done.returncode != 0:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                raise KernelUnavailable(f"compiling the int8 kernel failed ({first})")
+                raise KernelUnavailable(f"compiling the kernels failed ({first})")
         os.replace(lib, path)
-    log.info("compiled the int8 kernel into %s", path)
+    log.info("compiled the CPU decode kernels into %s", path)
 
 
 def _openmp_runtime() -> str:

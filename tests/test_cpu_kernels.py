@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_asr_worker import fast_decode, int8_kernel, models
+from qwen_asr_worker import cpu_kernels, fast_decode, models
 from qwen_asr_worker.testing.checkpoints import build_asr_checkpoint
 from tests.audio_fixtures import speech_like
 from tests.test_fast_decode import LONG, _generate, _load
 
-KERNEL, WHY = int8_kernel.load()
+KERNEL, WHY = cpu_kernels.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no int8 kernel here: {WHY}")
 
 
@@ -23,9 +23,9 @@ needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no int8 kernel here: 
 def fresh_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty kernel cache folder and a `load()` that has not run yet; the real cache is back afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    int8_kernel.load.cache_clear()
+    cpu_kernels.load.cache_clear()
     yield tmp_path / "qwen-asr-worker"
-    int8_kernel.load.cache_clear()
+    cpu_kernels.load.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +58,21 @@ def test_products_match_a_float64_reference(dtype: torch.dtype, rows: int) -> No
     assert KERNEL is not None
     weight, scale = _quantized(40, 96, seed=rows)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
-    got = KERNEL.matmul(x, KERNEL.block(weight), scale)
+    got = KERNEL.int8_matmul(x, KERNEL.block(weight), scale)
     assert got.dtype == dtype and got.shape == (rows, 40)
     # Up to MAX_KERNEL_ROWS the kernel rounds once; past it the general product's output, the scale in the
     # activations' dtype and their product are three roundings.
-    _assert_close(got, _reference(x, weight, scale), dtype, 1 if rows <= int8_kernel.MAX_KERNEL_ROWS else 3)
+    _assert_close(got, _reference(x, weight, scale), dtype, 1 if rows <= cpu_kernels.MAX_KERNEL_ROWS else 3)
 
 
 @needs_kernel
 def test_decoder_sized_products_and_the_output_projection_in_slices() -> None:
     """The 0.6B model's widest layer (6144 x 1024), and a general product over more rows than one unpacked slice."""
     assert KERNEL is not None
-    for n, k, rows in ((6144, 1024, 1), (6144, 1024, 3), (int8_kernel._UNPACK_ROWS + 8, 64, 60)):
+    for n, k, rows in ((6144, 1024, 1), (6144, 1024, 3), (cpu_kernels._UNPACK_ROWS + 8, 64, 60)):
         weight, scale = _quantized(n, k, seed=n)
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-        got = KERNEL.matmul(x, KERNEL.block(weight), scale)
+        got = KERNEL.int8_matmul(x, KERNEL.block(weight), scale)
         _assert_close(got, _reference(x, weight, scale), torch.bfloat16, 1 if rows <= 48 else 3)
 
 
@@ -95,9 +95,9 @@ def test_thread_count_does_not_change_a_bit() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = KERNEL.matmul(x, blocked, scale)
+        one = KERNEL.int8_matmul(x, blocked, scale)
         torch.set_num_threads(2)
-        two = KERNEL.matmul(x, blocked, scale)
+        two = KERNEL.int8_matmul(x, blocked, scale)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -106,17 +106,17 @@ def test_thread_count_does_not_change_a_bit() -> None:
 @needs_kernel
 def test_the_avx2_build_gives_the_same_products(fresh_load: Path) -> None:
     """The AVX2 code never runs on an AVX-512 machine unless asked for: build it for a Haswell."""
-    avx2 = int8_kernel.build(march="haswell")
+    avx2 = cpu_kernels.build(march="haswell")
     assert avx2.vector_bits == 256
     weight, scale = _quantized(40, 96, seed=9)
     for rows in (1, 2, 3, 7):
         x = torch.randn(rows, 96).to(torch.bfloat16)
-        _assert_close(avx2.matmul(x, avx2.block(weight), scale), _reference(x, weight, scale), torch.bfloat16, 1)
+        _assert_close(avx2.int8_matmul(x, avx2.block(weight), scale), _reference(x, weight, scale), torch.bfloat16, 1)
 
 
 def test_a_build_without_vector_code_is_refused(fresh_load: Path) -> None:
-    with pytest.raises(int8_kernel.KernelUnavailable, match=r"no AVX-512 or AVX2\+FMA code for -march=x86-64"):
-        int8_kernel.build(march="x86-64")
+    with pytest.raises(cpu_kernels.KernelUnavailable, match=r"no AVX-512 or AVX2\+FMA code for -march=x86-64"):
+        cpu_kernels.build(march="x86-64")
 
 
 @needs_kernel
@@ -125,17 +125,18 @@ def test_the_build_is_cached_per_machine(fresh_load: Path, monkeypatch: pytest.M
     run = subprocess.run
 
     def counting(args: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        if "-c" in args:
+        if "-c" in args or "-shared" in args:
             compiles.append(args)
         return run(args, **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(int8_kernel.subprocess, "run", counting)
-    first, why = int8_kernel.load()
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", counting)
+    first, why = cpu_kernels.load()
     assert first is not None, why
-    int8_kernel.load.cache_clear()
-    second, _ = int8_kernel.load()
+    cpu_kernels.load.cache_clear()
+    second, _ = cpu_kernels.load()
     assert second is not None and second.path == first.path and first.path.parent == fresh_load
-    assert len(compiles) == 1 and "-march=native" in compiles[0]
+    assert len(compiles) == len(cpu_kernels.SOURCES) + 1  # each source, then the link: once
+    assert all("-march=native" in step for step in compiles[:-1])
 
 
 @needs_kernel
@@ -143,7 +144,7 @@ def test_the_kernel_runs_on_torchs_openmp_runtime() -> None:
     """The kernel's threads are torch's pool: it needs the runtime torch loaded (by its SONAME), not another copy
     (scikit-learn, which librosa imports, brings its own)."""
     assert KERNEL is not None
-    runtime = int8_kernel._openmp_runtime()
+    runtime = cpu_kernels._openmp_runtime()
     assert Path(runtime).resolve().is_relative_to(Path(torch.__file__).resolve().parent)
 
     def dynamic(path: str | Path, tag: str) -> list[str]:
@@ -190,9 +191,73 @@ def test_without_a_compiler_int8_keeps_torchs_kernel(
             str(checkpoint), device="cpu", dtype=torch.bfloat16, attn_implementation="sdpa",
             max_inference_batch_size=8, max_new_tokens=300, fast_decode=True, quantization="int8",
         )  # fmt: skip
-    warnings = [r.getMessage() for r in caplog.records if "blocked int8 kernel unavailable" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "CPU decode kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no C compiler" in warnings[0] and "no-such-cc" in warnings[0]
     layers = [m for m in model.model.modules() if isinstance(m, fast_decode.Int8Linear)]
     assert layers and all(layer.kernel is None for layer in layers)
-    assert any("int8 per-channel (torch kernel)" in r.getMessage() for r in caplog.records)
+    note = next(r.getMessage() for r in caplog.records if "fast CPU decode" in r.getMessage())
+    assert "int8 per-channel (torch kernel)" in note and "one-step decoder layers (torch operators)" in note
     assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
+
+
+# --- the operators between a decoder layer's products --------------------------------------------------------
+def _close(got: torch.Tensor, ref: torch.Tensor, roundings: float = 1) -> bool:
+    unit = 2.0**-8 if got.dtype == torch.bfloat16 else 2.0**-22
+    return bool(((got.double() - ref.double()).abs() <= roundings * unit * ref.double().abs() + 1e-6).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norms_match_qwen_asrs(dtype: torch.dtype) -> None:
+    assert KERNEL is not None
+    x = (3 * torch.randn(2, 1, 6, 32)).to(dtype)
+    per_head = (1 + 0.1 * torch.randn(6, 32)).to(dtype)
+    one = (1 + 0.1 * torch.randn(32)).to(dtype)
+    assert _close(KERNEL.rms_norm(x, one, 1e-6), fast_decode._rms_norm(x, one, 1e-6))
+    assert _close(KERNEL.rms_norm(x, per_head, 1e-6), fast_decode._rms_norm(x, per_head, 1e-6))
+    delta = torch.randn(2, 1, 6, 32).to(dtype)
+    summed, normed = KERNEL.add_rms_norm(x, delta, one, 1e-6)
+    assert torch.equal(summed, x + delta)  # one rounding of an exact sum: the same bits
+    assert _close(normed, fast_decode._rms_norm(x + delta, one, 1e-6))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_block_matches_the_torch_operators(dtype: torch.dtype, masked: bool) -> None:
+    """Norm and rotate the new heads, cache the key and value in place, attend: against the torch operators the
+    one-step layer uses without the kernels, on a cache with spare capacity and 8 query heads on 2."""
+    from qwen_asr.core.transformers_backend.modeling_qwen3_asr import rotate_half
+
+    assert KERNEL is not None
+    batch, heads, kv_heads, dim, position, capacity = 2, 8, 2, 32, 37, 50
+    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim).to(dtype)
+    head_norm = (1 + 0.1 * torch.randn(heads + kv_heads, dim)).to(dtype)
+    angles = torch.rand(batch, 1, dim // 2).repeat(1, 1, 2) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    keys, values = (torch.randn(batch, kv_heads, capacity, dim).to(dtype) for _ in range(2))
+    keep = torch.ones(batch, position + 1, dtype=torch.bool)
+    if masked:
+        keep[1, :9] = False  # the second sequence is left-padded
+    cached = (keys.clone(), values.clone())
+    out = KERNEL.attend(qkv, head_norm, 1e-6, cos, sin, cached, position, keep if masked else None, dim**-0.5, heads)
+
+    q_k, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+    q_k = fast_decode._rms_norm(q_k.view(batch, 1, heads + kv_heads, dim), head_norm, 1e-6)
+    q_k = q_k * cos.unsqueeze(2) + rotate_half(q_k) * sin.unsqueeze(2)
+    query, key = q_k[:, :, :heads].transpose(1, 2), q_k[:, :, heads:].transpose(1, 2)
+    keys[:, :, position], values[:, :, position] = key[:, :, 0], v.view(batch, kv_heads, dim)
+    assert _close(cached[0][:, :, position], keys[:, :, position], roundings=3)  # the new key (norm: float32 sums)
+    assert torch.equal(cached[1], values)  # the new value is copied as it is
+    others = [p for p in range(capacity) if p != position]
+    assert torch.equal(cached[0][:, :, others], keys[:, :, others])  # nothing else touched
+    mask = keep.view(batch, 1, 1, position + 1) if masked else None
+    expected, _ = fast_decode._decode_attention(
+        torch.nn.Module(), query, keys[:, :, : position + 1], values[:, :, : position + 1], mask, scaling=dim**-0.5
+    )
+    assert out.shape == (batch, heads * dim)
+    # An output is a weighted mean of values: its error scales with the values, not with itself (torch's bf16
+    # attention rounds the weights to bf16 before that sum; this one does not).
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    error = (out.double() - expected.reshape(batch, heads * dim).double()).abs().max().item()
+    assert error <= unit * values.abs().max().item()
