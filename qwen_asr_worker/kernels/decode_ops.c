@@ -103,6 +103,81 @@ static inline void axpy_row(float *acc, float p, const void *row, int64_t at, in
 }
 #endif
 
+/* exp(x) for x <= 0 (softmax after subtracting the maximum): Cephes' single-precision polynomial, within 2 ulp
+ * of expf; results below about 1e-38 are flushed to 0. */
+#if defined(__AVX512F__)
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+#endif
+
+/* score[l] = exp(score[l] - top), 0 where score[l] is -inf (a masked position); returns their sum. */
+static float exp_shifted(float *score, int64_t length, float top) {
+    float total = 0.0f;
+    int64_t l = 0;
+    if (top == -INFINITY) { /* every position masked */
+        for (; l < length; l++) score[l] = 0.0f;
+        return 0.0f;
+    }
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps(), shift = _mm512_set1_ps(top), none = _mm512_set1_ps(-INFINITY);
+    for (; l + 16 <= length; l += 16) {
+        __m512 v = _mm512_loadu_ps(score + l);
+        __mmask16 kept = _mm512_cmp_ps_mask(v, none, _CMP_NEQ_OQ);
+        __m512 e = _mm512_maskz_mov_ps(kept, exp_nonpositive(_mm512_sub_ps(v, shift)));
+        _mm512_storeu_ps(score + l, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 sum = _mm256_setzero_ps(), shift = _mm256_set1_ps(top), none = _mm256_set1_ps(-INFINITY);
+    for (; l + 8 <= length; l += 8) {
+        __m256 v = _mm256_loadu_ps(score + l);
+        __m256 kept = _mm256_cmp_ps(v, none, _CMP_NEQ_OQ);
+        __m256 e = _mm256_and_ps(kept, exp_nonpositive(_mm256_sub_ps(v, shift)));
+        _mm256_storeu_ps(score + l, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, sum);
+    for (int i = 0; i < 8; i++) total += lanes[i];
+#endif
+    for (; l < length; l++) {
+        score[l] = score[l] == -INFINITY ? 0.0f : expf(score[l] - top);
+        total += score[l];
+    }
+    return total;
+}
+
 /* qwen-asr's RMSNorm of one row of `dim` values: float32 statistics, the scaled value rounded, then the weight.
  * Written to `out` at `oo`, or as (rounded) floats to `out_float` when that is not NULL. */
 static void norm_row(const void *x, int64_t xo, const void *w, int64_t wo, void *out, int64_t oo, int64_t dim,
@@ -193,14 +268,7 @@ void qa_attend(const void *qkv, const void *head_norm, float eps, const void *co
                     if (v > top[j]) top[j] = v;
                 }
             }
-            for (int64_t j = 0; j < group; j++) {
-                for (int64_t l = 0; l < length; l++) {
-                    float v = score[j * length + l];
-                    v = v == -INFINITY ? 0.0f : expf(v - top[j]);
-                    score[j * length + l] = v;
-                    total[j] += v;
-                }
-            }
+            for (int64_t j = 0; j < group; j++) total[j] = exp_shifted(score + j * length, length, top[j]);
             for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
             for (int64_t l = 0; l < length; l++) {
                 for (int64_t j = 0; j < group; j++) {
