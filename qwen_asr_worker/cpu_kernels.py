@@ -257,13 +257,15 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/qwen-asr-worker` (or ~/.cache/...), else a per-user folder in the temp directory."""
+    """`$XDG_CACHE_HOME/qwen-asr-worker` (or ~/.cache/...), else a per-user folder in the temp directory. A folder
+    someone else owns or can write to is passed over: a library planted there would run in this process."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     for candidate in (Path(base) / "qwen-asr-worker", Path(tempfile.gettempdir()) / f"qwen-asr-worker-{os.getuid()}"):
         try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return candidate
+            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
+            status = candidate.stat()
         except OSError:
             continue
-    raise KernelUnavailable("no writable cache folder for the compiled kernel (set XDG_CACHE_HOME)")
+        if status.st_uid == os.getuid() and not status.st_mode & 0o022 and os.access(candidate, os.W_OK):
+            return candidate
+    raise KernelUnavailable("no private writable cache folder for the compiled kernels (set XDG_CACHE_HOME)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,13 @@ def test_attention_block_matches_the_torch_operators(dtype: torch.dtype, masked:
     unit = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
     error = (out.double() - expected.reshape(batch, heads * dim).double()).abs().max().item()
     assert error <= unit * values.abs().max().item()
+
+
+def test_a_cache_folder_others_can_write_is_passed_over(fresh_load: Path) -> None:
+    """A compiled library is loaded from the cache folder, so one that others can write to (a planted library
+    would run in the worker) is not used: the per-user temp folder is taken instead."""
+    fresh_load.mkdir(parents=True)
+    fresh_load.chmod(0o777)
+    chosen = cpu_kernels._cache_dir()
+    assert chosen != fresh_load and chosen.name == f"qwen-asr-worker-{os.getuid()}"
+    assert not chosen.stat().st_mode & 0o022
