@@ -593,8 +593,10 @@ class _DecodeLayer:
         past_key_values: Any,
     ) -> torch.Tensor | None:
         """The step with our compiled operators between the products; None where they do not apply (the torch
-        operators run instead): another dtype, a cache or mask they do not know, non-contiguous input."""
-        cache = past_key_values.layers[self.attn.layer_idx]
+        operators run instead): another dtype, a cache or mask they do not know, non-contiguous input. Nothing is
+        written before that is decided."""
+        layers = getattr(past_key_values, "layers", ())
+        cache = layers[self.attn.layer_idx] if self.attn.layer_idx < len(layers) else None
         if (
             hidden_states.dtype not in (torch.bfloat16, torch.float32)
             or not hidden_states.is_contiguous()
@@ -602,9 +604,10 @@ class _DecodeLayer:
             or (attention_mask is not None and attention_mask.dtype != torch.bool)
         ):
             return None
+        dtype = hidden_states.dtype
         slot = cache.open_slot()
-        if slot is None:
-            return None
+        if slot is None or slot[0].dtype != dtype or any(t.dtype != dtype for t in position_embeddings):
+            return None  # the kernels read every tensor in the hidden states' dtype
         key_buffer, value_buffer, position = slot
         keep = None
         if attention_mask is not None:  # (batch, 1, 1, >= length), True where attended
