@@ -6,7 +6,7 @@ Two things in a CPU decode step were left that torch does not do well:
   of the memory bandwidth, so int8 was barely faster than packed bf16. `int8_matmul.c` stores each weight matrix in
   blocks that are one sequential stream and reaches about the bandwidth `torch.sum` does.
 * Between its matrix products a decoder layer ran about sixty small torch operators per step, a few microseconds of
-  dispatch each for a few kilobytes of work: milliseconds per token. `decode_ops.c` does them in four calls.
+  dispatch each for a few kilobytes of work: milliseconds per token. `decode_ops.c` does most of them in three calls.
 
 They are compiled here rather than shipped, with `-march=native`, because the vector code (AVX-512 or AVX2) must
 match the CPU it runs on, and a C compiler is cheap to have where torch already is; compiling takes about a second

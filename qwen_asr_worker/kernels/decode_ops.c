@@ -1,11 +1,12 @@
 /*
  * The operators between a decoder layer's matrix products, for a step that adds one token per sequence
  * (qwen_asr_worker/fast_decode.py, `_DecodeLayer`). In torch they are about sixty small operators per layer, each
- * a few microseconds of dispatch for a few kilobytes of work; here most of them are two calls.
+ * a few microseconds of dispatch for a few kilobytes of work; here they are three calls (the MLP's SiLU and
+ * product stay two torch operators, which are as fast).
  *
  * Values are bfloat16 (`bf16` nonzero) or float32, as the model's. Each function rounds to that type where the
  * stock layer's torch operators do (after a norm's scaling, after the weight, after each rotary product and
- * their sum, after SiLU, after the gating product, after a residual sum), and computes in float32 between, so its
+ * their sum, after a residual sum, the attention's output), and computes in float32 between, so its
  * results are those of the stock layer up to the order of float32 sums.
  */
 #include <math.h>
