@@ -58,8 +58,28 @@ class Kernels:
         return weight.reshape(n // ROWS, ROWS, k // CHUNK, CHUNK).transpose(1, 2).contiguous().reshape(n, k)
 
     def int8_matmul(self, x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """`(x @ W.T) * scale` for a contiguous 2-D bf16/fp32 `x`, the blocked int8 `W` and float32 `scale`."""
+        """`(x @ W.T) * scale` for a contiguous 2-D bf16/fp32 `x`, the blocked int8 `W` and float32 `scale`.
+
+        Raises:
+            ValueError: the tensors are not what the kernel reads (it would read past them).
+        """
         rows, n = x.shape[0], blocked.shape[0]
+        if (
+            x.dim() != 2
+            or x.dtype not in (torch.bfloat16, torch.float32)
+            or not x.is_contiguous()
+            or x.shape[1] != blocked.shape[1]
+            or blocked.dtype != torch.int8
+            or not blocked.is_contiguous()
+            or scale.dtype != torch.float32
+            or not scale.is_contiguous()
+            or scale.numel() != n
+        ):
+            raise ValueError(
+                f"int8 kernel inputs: x {x.dtype} {tuple(x.shape)}, weight {blocked.dtype} {tuple(blocked.shape)}, "
+                f"scale {scale.dtype} {tuple(scale.shape)}: need a contiguous bf16/fp32 x with the weight's width, "
+                "a contiguous int8 weight and a float32 scale per row (was the model converted after loading?)"
+            )
         if rows > MAX_KERNEL_ROWS:
             return self._general(x, blocked, scale)
         out = torch.empty(rows, n, dtype=x.dtype)
@@ -177,16 +197,21 @@ def build(march: str = "native") -> Kernels:
         key.update(part)
     key.update(f"{openmp} {march}".encode())
     path = _cache_dir() / f"qwen_asr_kernels-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        _compile(compiler, openmp, march, path)
-    lib = ctypes.CDLL(str(path))
-    lib.qa_int8_vector_bits.restype = ctypes.c_int
-    lib.qa_int8_matmul.restype = ctypes.c_int
-    lib.qa_int8_matmul.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-    ]  # fmt: skip
+    try:
+        if not path.exists():
+            _compile(compiler, openmp, march, path)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached file (a full disk, a killed build elsewhere): build it once more
+            path.unlink(missing_ok=True)
+            _compile(compiler, openmp, march, path)
+            lib = ctypes.CDLL(str(path))
+    except OSError as exc:  # a cache on a noexec mount, symbols the linked runtime lacks, no space left
+        raise KernelUnavailable(f"the compiled kernels could not be loaded ({exc})") from exc
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.qa_int8_vector_bits.restype = i32
+    lib.qa_int8_matmul.restype = i32
+    lib.qa_int8_matmul.argtypes = [p, i32, p, p, p, i64, i64, i64, i32]
     signatures: dict[str, list[Any]] = {
         "qa_int8_unpack": [p, i32, p, i64, i64, i64, i32],
         "qa_rms_norm": [p, p, p, i64, i64, i64, f32, i32],
@@ -207,7 +232,8 @@ def _compile(compiler: str, openmp: str, march: str, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         objects = [str(Path(work) / f"{source.stem}.o") for source in SOURCES]
         lib = Path(work) / path.name
-        flags = ["-O3", f"-march={march}", "-fopenmp", "-fPIC"]
+        # No contraction of a*b + c into one rounding: the C operators round where torch's operators do.
+        flags = ["-O3", f"-march={march}", "-ffp-contract=off", "-fopenmp", "-fPIC"]
         # Linking the runtime torch loaded, by path and without -fopenmp, keeps one OpenMP thread pool.
         steps = [
             *([compiler, *flags, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects, strict=True)),
@@ -240,6 +266,9 @@ def _openmp_runtime() -> str:
     home = Path(torch.__file__).resolve().parent
     for path in loaded:
         if Path(path).resolve().is_relative_to(home) or Path(path).parent.name == "torch.libs":
+            return path
+    for path in loaded:  # a torch linked to the system's runtime: not another package's bundled copy
+        if "site-packages" not in path and ".libs/" not in path:
             return path
     if loaded:
         return loaded[0]

@@ -84,7 +84,8 @@ class Int8Linear(nn.Module):
     """A linear layer with int8 weights and one scale per output channel; activations stay in their dtype.
 
     With `kernel` (and a shape it takes), the weight is stored in that kernel's blocked layout and multiplied by it;
-    otherwise it stays row-major for torch's weight-only int8 kernel. The quantization is the same either way."""
+    otherwise it stays row-major for torch's weight-only int8 kernel. The int8 values are the same either way; the
+    kernel keeps the scales in float32, torch's kernel in the activations' dtype."""
 
     def __init__(self, linear: nn.Linear, kernel: cpu_kernels.Kernels | None = None) -> None:
         super().__init__()
@@ -596,8 +597,8 @@ class _DecodeLayer:
         past_key_values: Any,
     ) -> torch.Tensor | None:
         """The step with our compiled operators between the products; None where they do not apply (the torch
-        operators run instead): another dtype, a cache or mask they do not know, non-contiguous input. Nothing is
-        written before that is decided."""
+        operators run instead): another dtype, a cache or mask they do not know, non-contiguous input, shapes other
+        than the ones the C code reads. The cache is written only once that is decided."""
         layers = getattr(past_key_values, "layers", ())
         cache = layers[self.attn.layer_idx] if self.attn.layer_idx < len(layers) else None
         if (
@@ -607,22 +608,41 @@ class _DecodeLayer:
             or (attention_mask is not None and attention_mask.dtype != torch.bool)
         ):
             return None
-        dtype = hidden_states.dtype
-        slot = cache.open_slot()
-        if slot is None or slot[0].dtype != dtype or any(t.dtype != dtype for t in position_embeddings):
-            return None  # the kernels read every tensor in the hidden states' dtype
+        batch, dtype = hidden_states.shape[0], hidden_states.dtype
+        cos, sin = (t.contiguous() for t in position_embeddings)
+        slot = cache.open_slot()  # may grow the buffers: harmless if the torch operators run after all
+        if slot is None:
+            return None
         key_buffer, value_buffer, position = slot
         keep = None
         if attention_mask is not None:  # (batch, 1, 1, >= length), True where attended
             keep = attention_mask[:, 0, 0, : position + 1].contiguous()
-        cos, sin = (t.contiguous() for t in position_embeddings)
+        # The C code reads every tensor in the hidden states' dtype and at these shapes; anything else (torch would
+        # broadcast a batch-1 cos, say) takes the torch operators rather than a read past the end.
+        if (
+            cos.shape != (batch, 1, self.dim)
+            or sin.shape != cos.shape
+            or cos.dtype != dtype
+            or sin.dtype != dtype
+            or key_buffer.dtype != dtype
+            or key_buffer.shape[:2] != (batch, self.kv_heads)
+            or key_buffer.shape[3] != self.dim
+            or value_buffer.shape != key_buffer.shape
+            or not key_buffer.is_contiguous()
+            or not value_buffer.is_contiguous()
+            or (keep is not None and keep.shape != (batch, position + 1))
+        ):
+            return None
         x = kernels.rms_norm(hidden_states, self.input_norm.weight, self.input_norm.variance_epsilon)
+        qkv = self.qkv.linear(x)
+        if qkv.shape != (batch, 1, (self.heads + 2 * self.kv_heads) * self.dim) or not qkv.is_contiguous():
+            raise RuntimeError(f"the stacked q/k/v product has shape {tuple(qkv.shape)}; the layer expects another")
         attended = kernels.attend(
-            self.qkv.linear(x), self.head_norm, self.head_eps, cos, sin, (key_buffer, value_buffer), position, keep,
+            qkv, self.head_norm, self.head_eps, cos, sin, (key_buffer, value_buffer), position, keep,
             self.attn.scaling, self.heads,
         )  # fmt: skip
         cache.close_slot()
-        projected = self.o_proj(attended.view(hidden_states.shape[0], 1, -1))
+        projected = self.o_proj(attended.view(batch, 1, -1))
         norm = self.post_norm
         summed, x = kernels.add_rms_norm(hidden_states, projected, norm.weight, norm.variance_epsilon)
         gate, up = self.gate_up.linear(x).split(self.gate_up.sizes, dim=-1)

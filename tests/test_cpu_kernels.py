@@ -17,7 +17,23 @@ from tests.audio_fixtures import speech_like
 from tests.test_fast_decode import LONG, _generate, _load
 
 KERNEL, WHY = cpu_kernels.load()
-needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no int8 kernel here: {WHY}")
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no compiled kernels here: {WHY}")
+
+
+def test_the_kernels_build_where_ci_requires_them() -> None:
+    """Every other test here skips without the kernels; CI (`.ci/run`) sets QWEN_ASR_REQUIRE_KERNELS so that a
+    build that breaks on its machine fails instead of skipping."""
+    if os.environ.get("QWEN_ASR_REQUIRE_KERNELS") != "1":
+        pytest.skip("QWEN_ASR_REQUIRE_KERNELS is not set")
+    assert KERNEL is not None, WHY
+
+
+@pytest.fixture(scope="module", params=["native", "haswell"])
+def kernels(request: pytest.FixtureRequest) -> cpu_kernels.Kernels:
+    """This CPU's build, and the AVX2 one (its vector code never runs on an AVX-512 machine unless built so)."""
+    if KERNEL is None:
+        pytest.skip(f"no compiled kernels here: {WHY}")
+    return KERNEL if request.param == "native" else cpu_kernels.build(march=request.param)
 
 
 @pytest.fixture
@@ -207,31 +223,31 @@ def _close(got: torch.Tensor, ref: torch.Tensor, roundings: float = 1) -> bool:
     return bool(((got.double() - ref.double()).abs() <= roundings * unit * ref.double().abs() + 1e-6).all())
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rms_norms_match_qwen_asrs(dtype: torch.dtype) -> None:
-    assert KERNEL is not None
-    x = (3 * torch.randn(2, 1, 6, 32)).to(dtype)
-    per_head = (1 + 0.1 * torch.randn(6, 32)).to(dtype)
-    one = (1 + 0.1 * torch.randn(32)).to(dtype)
-    assert _close(KERNEL.rms_norm(x, one, 1e-6), fast_decode._rms_norm(x, one, 1e-6))
-    assert _close(KERNEL.rms_norm(x, per_head, 1e-6), fast_decode._rms_norm(x, per_head, 1e-6))
-    delta = torch.randn(2, 1, 6, 32).to(dtype)
-    summed, normed = KERNEL.add_rms_norm(x, delta, one, 1e-6)
+def test_rms_norms_match_qwen_asrs(kernels: cpu_kernels.Kernels, dtype: torch.dtype) -> None:
+    x = (3 * torch.randn(2, 1, 6, 40)).to(dtype)  # 40: a tail past the vector width
+    per_head = (1 + 0.1 * torch.randn(6, 40)).to(dtype)
+    one = (1 + 0.1 * torch.randn(40)).to(dtype)
+    assert _close(kernels.rms_norm(x, one, 1e-6), fast_decode._rms_norm(x, one, 1e-6))
+    assert _close(kernels.rms_norm(x, per_head, 1e-6), fast_decode._rms_norm(x, per_head, 1e-6))
+    delta = torch.randn(2, 1, 6, 40).to(dtype)
+    summed, normed = kernels.add_rms_norm(x, delta, one, 1e-6)
     assert torch.equal(summed, x + delta)  # one rounding of an exact sum: the same bits
     assert _close(normed, fast_decode._rms_norm(x + delta, one, 1e-6))
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_block_matches_the_torch_operators(dtype: torch.dtype, masked: bool) -> None:
+@pytest.mark.parametrize("dim", [32, 24])
+def test_attention_block_matches_the_torch_operators(
+    kernels: cpu_kernels.Kernels, dtype: torch.dtype, masked: bool, dim: int
+) -> None:
     """Norm and rotate the new heads, cache the key and value in place, attend: against the torch operators the
-    one-step layer uses without the kernels, on a cache with spare capacity and 8 query heads on 2."""
+    one-step layer uses without the kernels, on a cache with spare capacity and 8 query heads on 2 (head width 24:
+    a tail past the vector width)."""
     from qwen_asr.core.transformers_backend.modeling_qwen3_asr import rotate_half
 
-    assert KERNEL is not None
-    batch, heads, kv_heads, dim, position, capacity = 2, 8, 2, 32, 37, 50
+    batch, heads, kv_heads, position, capacity = 2, 8, 2, 37, 50
     qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim).to(dtype)
     head_norm = (1 + 0.1 * torch.randn(heads + kv_heads, dim)).to(dtype)
     angles = torch.rand(batch, 1, dim // 2).repeat(1, 1, 2) * 6
@@ -241,7 +257,7 @@ def test_attention_block_matches_the_torch_operators(dtype: torch.dtype, masked:
     if masked:
         keep[1, :9] = False  # the second sequence is left-padded
     cached = (keys.clone(), values.clone())
-    out = KERNEL.attend(qkv, head_norm, 1e-6, cos, sin, cached, position, keep if masked else None, dim**-0.5, heads)
+    out = kernels.attend(qkv, head_norm, 1e-6, cos, sin, cached, position, keep if masked else None, dim**-0.5, heads)
 
     q_k, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
     q_k = fast_decode._rms_norm(q_k.view(batch, 1, heads + kv_heads, dim), head_norm, 1e-6)
@@ -272,3 +288,117 @@ def test_a_cache_folder_others_can_write_is_passed_over(fresh_load: Path) -> Non
     chosen = cpu_kernels._cache_dir()
     assert chosen != fresh_load and chosen.name == f"qwen-asr-worker-{os.getuid()}"
     assert not chosen.stat().st_mode & 0o022
+
+
+def _attention_inputs(dtype: torch.dtype) -> dict:
+    batch, heads, kv_heads, dim = 1, 4, 2, 32
+    angles = torch.rand(batch, 1, dim // 2).repeat(1, 1, 2)
+    return {
+        "qkv": torch.randn(batch, 1, (heads + 2 * kv_heads) * dim).to(dtype),
+        "head_norm": torch.ones(heads + kv_heads, dim).to(dtype),
+        "eps": 1e-6,
+        "cos": angles.cos().to(dtype),
+        "sin": angles.sin().to(dtype),
+        "caches": tuple(torch.randn(batch, kv_heads, 300, dim).to(dtype) for _ in range(2)),
+        "position": 250,
+        "keep": None,
+        "scaling": dim**-0.5,
+        "heads": heads,
+    }
+
+
+@needs_kernel
+def test_attention_gives_the_same_bits_on_one_thread_and_two() -> None:
+    """Each thread scores into its own slice of the work space: a shared one would change the results."""
+    assert KERNEL is not None
+    inputs = _attention_inputs(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            caches = tuple(c.clone() for c in inputs["caches"])
+            outs.append(KERNEL.attend(**{**inputs, "caches": caches}))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+def test_a_nan_in_attention_comes_out_as_nan() -> None:
+    """As torch's attention would: a NaN query head's output is NaN, not a quiet 0; the other heads are finite."""
+    assert KERNEL is not None
+    inputs = _attention_inputs(torch.float32)
+    inputs["qkv"][0, 0, 5] = float("nan")  # query head 0
+    out = KERNEL.attend(**inputs).view(4, 32)
+    assert out[0].isnan().all() and out[1:].isfinite().all()
+
+
+def test_the_growing_cache_hands_out_slots_past_its_capacity() -> None:
+    """`open_slot` grows the buffers when the next position does not fit; what was cached stays, and the views
+    `keys`/`values` (what transformers reads for the cache's length) follow `close_slot`."""
+    layer = fast_decode._growing_layer_class()(spare=1)
+    prompt = torch.randn(1, 2, 5, 8)
+    layer.update(prompt, prompt + 1)
+    written = []
+    for step in range(12):
+        keys, values, position = layer.open_slot()
+        assert position == 5 + step and keys.shape[2] > position and keys.shape == values.shape
+        keys[:, :, position] = step
+        values[:, :, position] = -step
+        layer.close_slot()
+        written.append(step)
+    assert layer.get_seq_length() == 17
+    assert torch.equal(layer.keys[:, :, :5], prompt) and torch.equal(layer.values[:, :, :5], prompt + 1)
+    assert torch.equal(layer.keys[0, 0, 5:, 0], torch.tensor(written, dtype=torch.float32))
+    assert torch.equal(layer.values[0, 1, 5:, 3], -torch.tensor(written, dtype=torch.float32))
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(tmp_path: Path) -> None:
+    """In fresh processes (a process that has the library loaded keeps its mapping): build, damage the cached file,
+    load again."""
+    import sys
+
+    probe = "from qwen_asr_worker import cpu_kernels; k, why = cpu_kernels.load(); print(k.path if k else why)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+
+    def load_in_a_new_process() -> str:
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    path = Path(load_in_a_new_process())
+    assert path.is_file() and path.parent == tmp_path / "qwen-asr-worker"
+    path.write_bytes(b"not a shared library")
+    assert load_in_a_new_process() == str(path)
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_kernel
+def test_a_library_that_cannot_be_loaded_is_reported_not_raised(
+    fresh_load: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache folder on a noexec mount, say: LoadModel must go on with torch's operators, not fail."""
+
+    def refuse(path: str, *args: object, **kwargs: object) -> None:
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", refuse)
+    kernels, why = cpu_kernels.load()
+    assert kernels is None and "could not be loaded" in why and "failed to map segment" in why
+
+
+@needs_kernel
+def test_the_int8_product_refuses_inputs_it_would_read_past() -> None:
+    assert KERNEL is not None
+    weight, scale = _quantized(8, 32, seed=1)
+    blocked, x = KERNEL.block(weight), torch.randn(2, 32).to(torch.bfloat16)
+    for bad in (
+        (x, blocked, scale.to(torch.bfloat16)),  # a model converted with .to() after loading
+        (x[:, :16], blocked, scale),
+        (x.to(torch.float16), blocked, scale),
+        (x, blocked, scale[:4]),
+    ):
+        with pytest.raises(ValueError, match="int8 kernel inputs"):
+            KERNEL.int8_matmul(*bad)

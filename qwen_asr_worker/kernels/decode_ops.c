@@ -6,8 +6,10 @@
  *
  * Values are bfloat16 (`bf16` nonzero) or float32, as the model's. Each function rounds to that type where the
  * stock layer's torch operators do (after a norm's scaling, after the weight, after each rotary product and
- * their sum, after a residual sum, the attention's output), and computes in float32 between, so its
- * results are those of the stock layer up to the order of float32 sums.
+ * their sum, after a residual sum, the attention's output), and computes in float32 between (built with
+ * -ffp-contract=off, so a*b + c keeps both roundings). Results are the stock layer's within rounding, not to the
+ * bit: float32 sums run in their own order, the softmax's exp is a polynomial within 2 ulp, and the attention
+ * weights stay float32 where torch's bf16 attention rounds them to bf16.
  */
 #include <math.h>
 #include <omp.h>
@@ -105,7 +107,7 @@ static inline void axpy_row(float *acc, float p, const void *row, int64_t at, in
 #endif
 
 /* exp(x) for x <= 0 (softmax after subtracting the maximum): Cephes' single-precision polynomial, within 2 ulp
- * of expf; results below about 1e-38 are flushed to 0. */
+ * of expf; arguments below -87 give exp(-87), about 1.6e-38, which no softmax sum notices. */
 #if defined(__AVX512F__)
 static inline __m512 exp_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -260,13 +262,15 @@ void qa_attend(const void *qkv, const void *head_norm, float eps, const void *co
             const float *q = queries + (b * heads + g * group) * dim;
             int64_t base = (b * kv_heads + g) * capacity * dim;
             float top[group], total[group], acc[group * dim];
-            for (int64_t j = 0; j < group; j++) top[j] = -INFINITY, total[j] = 0.0f;
+            int broken[group]; /* a NaN score: the head's output is NaN, as torch's would be, not a silent 0 */
+            for (int64_t j = 0; j < group; j++) top[j] = -INFINITY, total[j] = 0.0f, broken[j] = 0;
             for (int64_t l = 0; l < length; l++) {
                 int kept = keep == NULL || keep[b * length + l];
                 for (int64_t j = 0; j < group; j++) {
                     float v = kept ? dot_row(q + j * dim, key_cache, base + l * dim, dim, bf16) * scaling : -INFINITY;
                     score[j * length + l] = v;
                     if (v > top[j]) top[j] = v;
+                    if (v != v) broken[j] = 1;
                 }
             }
             for (int64_t j = 0; j < group; j++) total[j] = exp_shifted(score + j * length, length, top[j]);
@@ -278,7 +282,7 @@ void qa_attend(const void *qkv, const void *head_norm, float eps, const void *co
                 }
             }
             for (int64_t j = 0; j < group; j++) {
-                float inv = total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
+                float inv = broken[j] ? NAN : total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
                 for (int64_t i = 0; i < dim; i++)
                     store(out, (b * heads + g * group + j) * dim + i, acc[j * dim + i] * inv, bf16);
             }

@@ -1,6 +1,6 @@
 /*
  * Weight-only int8 matrix products for decoding: y = (x @ W.T) * scale, with W int8 (one scale per output row)
- * and x, y in bfloat16 or float32. Built on the machine that runs it (qwen_asr_worker/int8_kernel.py), with
+ * and x, y in bfloat16 or float32. Built on the machine that runs it (qwen_asr_worker/cpu_kernels.py), with
  * -march=native, so the vector width is the CPU's own.
  *
  * Why not torch's own weight-only int8 kernel: on a decode step (one to a few rows of x) it streams the weights at
