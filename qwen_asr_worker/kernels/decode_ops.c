@@ -216,6 +216,80 @@ void qa_add_rms_norm(const void *residual, const void *delta, void *residual_out
     for (int64_t r = 0; r < rows; r++) norm_row(residual_out, r * dim, w, 0, normed, r * dim, dim, eps, bf16, NULL);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HAVE_BF16_DOT 1
+/*
+ * One key/value head's attention for its `group` query heads, for bf16 caches with dim a multiple of 32, on CPUs
+ * with AVX-512 BF16: scores with `vdpbf16ps` (32 exact bf16 products per instruction, float32 sums), and the
+ * weighted sum of values two positions at a time (the two rows interleaved, the two weights rounded to bf16, as
+ * torch's bf16 attention rounds them). Writes acc (group x dim floats, unnormalized), the scores as weights, their
+ * maxima and sums, and which query heads met a NaN.
+ */
+static void group_bf16(const float *q, const uint16_t *keys, const uint16_t *values, int64_t length, int64_t dim,
+                       int64_t group, const uint8_t *keep, float scaling, float *score, float *top, float *total,
+                       float *acc, int *broken) {
+    int64_t chunks = dim / 32;
+    __m512bh qv[group * chunks];
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t c = 0; c < chunks; c++)
+            qv[j * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + j * dim + c * 32 + 16),
+                                                     _mm512_loadu_ps(q + j * dim + c * 32));
+    for (int64_t j = 0; j < group; j++) top[j] = -INFINITY;
+    for (int64_t l = 0; l < length; l++) {
+        int kept = keep == NULL || keep[l];
+        for (int64_t j = 0; j < group; j++) {
+            float v = -INFINITY;
+            if (kept) {
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t c = 0; c < chunks; c++) {
+                    __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(keys + l * dim + c * 32));
+                    sum = _mm512_dpbf16_ps(sum, k, qv[j * chunks + c]);
+                }
+                v = _mm512_reduce_add_ps(sum) * scaling;
+            }
+            score[j * length + l] = v;
+            if (v > top[j]) top[j] = v;
+            if (v != v) broken[j] = 1;
+        }
+    }
+    for (int64_t j = 0; j < group; j++) total[j] = exp_shifted(score + j * length, length, top[j]);
+    /* acc lanes: per 32-column chunk, `lo` holds columns 8k..8k+3 and `hi` 8k+4..8k+7 of each 8-column lane k */
+    __m512 lo[group * chunks], hi[group * chunks];
+    for (int64_t i = 0; i < group * chunks; i++) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < length; l += 2) {
+        int pair = l + 1 < length;
+        const uint16_t *v0 = values + l * dim, *v1 = pair ? v0 + dim : v0;
+        for (int64_t j = 0; j < group; j++) {
+            float p0 = score[j * length + l], p1 = pair ? score[j * length + l + 1] : 0.0f;
+            if (p0 == 0.0f && p1 == 0.0f) continue;
+            uint32_t b0, b1;
+            float r0 = round_to(p0, 1), r1 = round_to(p1, 1);
+            memcpy(&b0, &r0, 4);
+            memcpy(&b1, &r1, 4);
+            __m512bh weights = (__m512bh)_mm512_set1_epi32((int)((b1 & 0xffff0000u) | (b0 >> 16)));
+            for (int64_t c = 0; c < chunks; c++) {
+                __m512i a = _mm512_loadu_si512((const void *)(v0 + c * 32));
+                __m512i b = _mm512_loadu_si512((const void *)(v1 + c * 32));
+                lo[j * chunks + c] = _mm512_dpbf16_ps(lo[j * chunks + c], (__m512bh)_mm512_unpacklo_epi16(a, b), weights);
+                hi[j * chunks + c] = _mm512_dpbf16_ps(hi[j * chunks + c], (__m512bh)_mm512_unpackhi_epi16(a, b), weights);
+            }
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {
+        for (int64_t c = 0; c < chunks; c++) {
+            float l16[16], h16[16];
+            _mm512_storeu_ps(l16, lo[j * chunks + c]);
+            _mm512_storeu_ps(h16, hi[j * chunks + c]);
+            for (int i = 0; i < 16; i++) {
+                int64_t column = c * 32 + 8 * (i / 4) + i % 4;
+                acc[j * dim + column] = l16[i];
+                acc[j * dim + column + 4] = h16[i];
+            }
+        }
+    }
+}
+#endif
+
 /*
  * One token's attention block after the q/k/v product, for `batch` sequences at cache position `pos`:
  *   - the query and key heads of `qkv` (heads + kv_heads heads of `dim`, then kv_heads value heads) are normed with
@@ -264,6 +338,13 @@ void qa_attend(const void *qkv, const void *head_norm, float eps, const void *co
             float top[group], total[group], acc[group * dim];
             int broken[group]; /* a NaN score: the head's output is NaN, as torch's would be, not a silent 0 */
             for (int64_t j = 0; j < group; j++) top[j] = -INFINITY, total[j] = 0.0f, broken[j] = 0;
+#if defined(HAVE_BF16_DOT)
+            if (bf16 && dim % 32 == 0) {
+                group_bf16(q, (const uint16_t *)key_cache + base, (const uint16_t *)value_cache + base, length, dim,
+                           group, keep == NULL ? NULL : keep + b * length, scaling, score, top, total, acc, broken);
+                goto normalize;
+            }
+#endif
             for (int64_t l = 0; l < length; l++) {
                 int kept = keep == NULL || keep[b * length + l];
                 for (int64_t j = 0; j < group; j++) {
@@ -281,6 +362,9 @@ void qa_attend(const void *qkv, const void *head_norm, float eps, const void *co
                     if (p != 0.0f) axpy_row(acc + j * dim, p, value_cache, base + l * dim, dim, bf16);
                 }
             }
+#if defined(HAVE_BF16_DOT)
+        normalize:
+#endif
             for (int64_t j = 0; j < group; j++) {
                 float inv = broken[j] ? NAN : total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
                 for (int64_t i = 0; i < dim; i++)
