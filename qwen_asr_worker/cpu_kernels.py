@@ -288,8 +288,13 @@ def _cpu_flags() -> str:
 def _cache_dir() -> Path:
     """`$XDG_CACHE_HOME/qwen-asr-worker` (or ~/.cache/...), else a per-user folder in the temp directory. A folder
     someone else owns or can write to is passed over: a library planted there would run in this process."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    for candidate in (Path(base) / "qwen-asr-worker", Path(tempfile.gettempdir()) / f"qwen-asr-worker-{os.getuid()}"):
+    candidates = [Path(tempfile.gettempdir()) / f"qwen-asr-worker-{os.getuid()}"]
+    try:  # a container user without a home (an arbitrary uid) has no ~: the temp folder then
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        candidates.insert(0, Path(base) / "qwen-asr-worker")
+    except RuntimeError:
+        pass
+    for candidate in candidates:
         try:
             candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
             status = candidate.stat()

@@ -605,7 +605,9 @@ class _DecodeLayer:
             hidden_states.dtype not in (torch.bfloat16, torch.float32)
             or not hidden_states.is_contiguous()
             or not hasattr(cache, "open_slot")
-            or (attention_mask is not None and attention_mask.dtype != torch.bool)
+            or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4))
+            or any(w.dtype != hidden_states.dtype for w in (self.input_norm.weight, self.post_norm.weight))
+            or self.head_norm.dtype != hidden_states.dtype
         ):
             return None
         batch, dtype = hidden_states.shape[0], hidden_states.dtype

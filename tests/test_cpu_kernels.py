@@ -405,3 +405,14 @@ def test_the_int8_product_refuses_inputs_it_would_read_past() -> None:
     ):
         with pytest.raises(ValueError, match="int8 kernel inputs"):
             KERNEL.int8_matmul(*bad)
+
+
+def test_without_a_home_folder_the_cache_is_the_temp_one(fresh_load: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container running as an arbitrary uid may have no home: the per-user temp folder is used."""
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(cpu_kernels.Path, "home", staticmethod(no_home))
+    assert cpu_kernels._cache_dir().name == f"qwen-asr-worker-{os.getuid()}"

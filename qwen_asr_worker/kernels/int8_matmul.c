@@ -128,7 +128,7 @@ int qa_int8_matmul(const void *x, int bf16, const int8_t *w, const float *scale,
                    int64_t K, int threads) {
 #if defined(TILE)
     /* x as float32, a tile of TILE rows at a time, interleaved by CHUNK columns: (tile, k / CHUNK, row, k % CHUNK),
-     * so a chunk's rows are adjacent (rows K floats apart would share cache sets when K is a multiple of 1024). */
+     * so the tile's values for one chunk are one run of memory, read in the order the loop uses them. */
     int64_t tiles = (M + TILE - 1) / TILE;
     float *xf = malloc(sizeof(float) * (size_t)(tiles * TILE * K));
     if (xf == NULL) return -1;
@@ -136,7 +136,8 @@ int qa_int8_matmul(const void *x, int bf16, const int8_t *w, const float *scale,
         float *row = xf + (m / TILE) * TILE * K + (m % TILE) * CHUNK;
         for (int64_t k = 0; k < K; k++) {
             int64_t i = m * K + k;
-            row[(k / CHUNK) * TILE * CHUNK + k % CHUNK] = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+            row[(k / CHUNK) * TILE * CHUNK + k % CHUNK] = v;
         }
     }
     int64_t blocks = N / ROWS;
