@@ -8,8 +8,8 @@
  * stock layer's torch operators do (after a norm's scaling, after the weight, after each rotary product and
  * their sum, after a residual sum, the attention's output), and computes in float32 between (built with
  * -ffp-contract=off, so a*b + c keeps both roundings). Results are the stock layer's within rounding, not to the
- * bit: float32 sums run in their own order, the softmax's exp is a polynomial within 2 ulp, and the attention
- * weights stay float32 where torch's bf16 attention rounds them to bf16.
+ * bit: float32 sums run in their own order, the softmax's exp is a polynomial within 2 ulp, and torch's bf16
+ * attention rounds its weights to bf16, which here only the AVX-512 BF16 code does (`group_bf16`).
  */
 #include <math.h>
 #include <omp.h>
