@@ -602,13 +602,13 @@ def _decoder_bytes(thinker: Any) -> int:
     """Bytes one decode step must read: the decoder's linear weights and the output projection, as stored."""
     from torch import nn
 
-    from qwen_asr_worker import fast_decode
+    from qwen_asr_worker import decode_linears
 
     total = 0
     for module in {id(m): m for m in [*thinker.model.modules(), thinker.lm_head]}.values():
         if isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
-        elif isinstance(module, (fast_decode.PackedLinear, fast_decode.Int8Linear)):
+        elif isinstance(module, (decode_linears.PackedLinear, decode_linears.Int8Linear)):
             total += module.weight_bytes
     return total
 
@@ -701,7 +701,7 @@ def int8_fidelity(params: Params) -> Result:
     decode, on the scripted full-size checkpoint, teacher-free: each path generates on its own."""
     import torch
 
-    from qwen_asr_worker import cpu_kernels, fast_decode
+    from qwen_asr_worker import cpu_kernels, decode_linears
 
     out: Result = {}
     clip = fixtures.read_clip(Path(params["clip10"]))
@@ -731,7 +731,7 @@ def int8_fidelity(params: Params) -> Result:
             x = torch.randn(16, module.in_features, dtype=torch.bfloat16)
             exact = torch.nn.functional.linear(x.float(), module.weight.float())
             for into, got in (
-                (errors, fast_decode.Int8Linear(module, kernel)(x)),
+                (errors, decode_linears.Int8Linear(module, kernel)(x)),
                 (rounding, torch.nn.functional.linear(x, module.weight)),  # what bf16 itself costs, for scale
             ):
                 into.append(float((got.float() - exact).norm() / exact.norm()))
@@ -752,7 +752,7 @@ def int8_fidelity(params: Params) -> Result:
             "logit_rel_error_mean": float(rel.mean()),
             "logit_rel_error_max": float(rel.max()),
         }
-    out["int8_modules"] = fast_decode.Int8Linear.__name__
+    out["int8_modules"] = decode_linears.Int8Linear.__name__
     return out
 
 

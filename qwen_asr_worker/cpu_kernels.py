@@ -84,7 +84,7 @@ class Kernels:
             return self._general(x, blocked, scale)
         out = torch.empty(rows, n, dtype=x.dtype)
         status = self.lib.qa_int8_matmul(
-            x.data_ptr(), x.dtype == torch.bfloat16, blocked.data_ptr(), scale.data_ptr(), out.data_ptr(),
+            x.data_ptr(), _bf16(x), blocked.data_ptr(), scale.data_ptr(), out.data_ptr(),
             rows, n, x.shape[1], torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
@@ -95,7 +95,7 @@ class Kernels:
         """Rows `[row0, row0 + rows)` of the blocked weight as their integer values, row-major, in `dtype`."""
         out = torch.empty(rows, blocked.shape[1], dtype=dtype)
         self.lib.qa_int8_unpack(
-            blocked.data_ptr(), dtype == torch.bfloat16, out.data_ptr(), blocked.shape[1], row0, rows,
+            blocked.data_ptr(), int(dtype == torch.bfloat16), out.data_ptr(), blocked.shape[1], row0, rows,
             torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_asr_worker import cpu_kernels, fast_decode, models
+from qwen_asr_worker import cpu_kernels, decode_linears, decode_step, models
 from qwen_asr_worker.testing.checkpoints import build_asr_checkpoint
 from tests.audio_fixtures import speech_like
 from tests.test_fast_decode import LONG, _generate, _load
@@ -175,10 +175,10 @@ def test_the_kernel_runs_on_torchs_openmp_runtime() -> None:
 @needs_kernel
 def test_int8_model_uses_the_kernel_and_says_the_same(checkpoint: Path) -> None:
     model = _load(checkpoint, torch.bfloat16, fast=True, quantization="int8")
-    layers = [m for m in model.model.thinker.model.modules() if isinstance(m, fast_decode.Int8Linear)]
+    layers = [m for m in model.model.thinker.model.modules() if isinstance(m, decode_linears.Int8Linear)]
     assert layers and all(layer.kernel is not None for layer in layers)
     head = model.model.thinker.lm_head  # the tiny vocabulary (517) is no multiple of 4: torch's kernel, as designed
-    assert isinstance(head, fast_decode.Int8Linear) and head.out_features % 4 and head.kernel is None
+    assert isinstance(head, decode_linears.Int8Linear) and head.out_features % 4 and head.kernel is None
     texts, _ = _generate(model, [speech_like(3.0, seed=1), speech_like(6.0, seed=2)], ["", "a longer context"])
     assert texts == [LONG, LONG]
 
@@ -188,7 +188,7 @@ def test_int8_model_uses_the_kernel_and_says_the_same(checkpoint: Path) -> None:
 def test_the_kernel_and_torchs_kernel_agree_on_a_linear_layer(rows: int) -> None:
     """Same quantization, two kernels: the outputs differ by rounding only."""
     linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
-    ours, torchs = fast_decode.Int8Linear(linear, KERNEL), fast_decode.Int8Linear(linear)
+    ours, torchs = decode_linears.Int8Linear(linear, KERNEL), decode_linears.Int8Linear(linear)
     assert ours.kernel is KERNEL and torchs.kernel is None
     x = torch.randn(2, rows, 256).to(torch.bfloat16)
     a, b = ours(x).float(), torchs(x).float()
@@ -210,7 +210,7 @@ def test_without_a_compiler_int8_keeps_torchs_kernel(
         )  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records if "CPU decode kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no C compiler" in warnings[0] and "no-such-cc" in warnings[0]
-    layers = [m for m in model.model.modules() if isinstance(m, fast_decode.Int8Linear)]
+    layers = [m for m in model.model.modules() if isinstance(m, decode_linears.Int8Linear)]
     assert layers and all(layer.kernel is None for layer in layers)
     note = next(r.getMessage() for r in caplog.records if "fast CPU decode" in r.getMessage())
     assert "int8 per-channel (torch kernel)" in note and "one-step decoder layers (torch operators)" in note
@@ -228,12 +228,12 @@ def test_rms_norms_match_qwen_asrs(kernels: cpu_kernels.Kernels, dtype: torch.dt
     x = (3 * torch.randn(2, 1, 6, 40)).to(dtype)  # 40: a tail past the vector width
     per_head = (1 + 0.1 * torch.randn(6, 40)).to(dtype)
     one = (1 + 0.1 * torch.randn(40)).to(dtype)
-    assert _close(kernels.rms_norm(x, one, 1e-6), fast_decode._rms_norm(x, one, 1e-6))
-    assert _close(kernels.rms_norm(x, per_head, 1e-6), fast_decode._rms_norm(x, per_head, 1e-6))
+    assert _close(kernels.rms_norm(x, one, 1e-6), decode_step.rms_norm(x, one, 1e-6))
+    assert _close(kernels.rms_norm(x, per_head, 1e-6), decode_step.rms_norm(x, per_head, 1e-6))
     delta = torch.randn(2, 1, 6, 40).to(dtype)
     summed, normed = kernels.add_rms_norm(x, delta, one, 1e-6)
     assert torch.equal(summed, x + delta)  # one rounding of an exact sum: the same bits
-    assert _close(normed, fast_decode._rms_norm(x + delta, one, 1e-6))
+    assert _close(normed, decode_step.rms_norm(x + delta, one, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -261,7 +261,7 @@ def test_attention_block_matches_the_torch_operators(
     out = kernels.attend(qkv, head_norm, 1e-6, cos, sin, cached, position, keep if masked else None, dim**-0.5, heads)
 
     q_k, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-    q_k = fast_decode._rms_norm(q_k.view(batch, 1, heads + kv_heads, dim), head_norm, 1e-6)
+    q_k = decode_step.rms_norm(q_k.view(batch, 1, heads + kv_heads, dim), head_norm, 1e-6)
     q_k = q_k * cos.unsqueeze(2) + rotate_half(q_k) * sin.unsqueeze(2)
     query, key = q_k[:, :, :heads].transpose(1, 2), q_k[:, :, heads:].transpose(1, 2)
     keys[:, :, position], values[:, :, position] = key[:, :, 0], v.view(batch, kv_heads, dim)
@@ -270,7 +270,7 @@ def test_attention_block_matches_the_torch_operators(
     others = [p for p in range(capacity) if p != position]
     assert torch.equal(cached[0][:, :, others], keys[:, :, others])  # nothing else touched
     mask = keep.view(batch, 1, 1, position + 1) if masked else None
-    expected, _ = fast_decode._decode_attention(
+    expected, _ = decode_step.decode_attention(
         torch.nn.Module(), query, keys[:, :, : position + 1], values[:, :, : position + 1], mask, scaling=dim**-0.5
     )
     assert out.shape == (batch, heads * dim)
@@ -340,7 +340,7 @@ def test_a_nan_in_attention_comes_out_as_nan(dtype: torch.dtype) -> None:
 def test_the_growing_cache_hands_out_slots_past_its_capacity() -> None:
     """`open_slot` grows the buffers when the next position does not fit; what was cached stays, and the views
     `keys`/`values` (what transformers reads for the cache's length) follow `close_slot`."""
-    layer = fast_decode._growing_layer_class()(spare=1)
+    layer = decode_step.growing_layer_class()(spare=1)
     prompt = torch.randn(1, 2, 5, 8)
     layer.update(prompt, prompt + 1)
     written = []

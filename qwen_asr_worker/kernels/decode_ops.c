@@ -1,6 +1,6 @@
 /*
  * The operators between a decoder layer's matrix products, for a step that adds one token per sequence
- * (qwen_asr_worker/fast_decode.py, `_DecodeLayer`). In torch they are about sixty small operators per layer, each
+ * (qwen_asr_worker/decode_step.py, `DecodeLayer`). In torch they are about sixty small operators per layer, each
  * a few microseconds of dispatch for a few kilobytes of work; here they are three calls (the MLP's SiLU and
  * product stay two torch operators, which are as fast).
  *
