@@ -38,12 +38,12 @@ from .errors import Cancelled, InvalidRequest
 from .languages import detected_to_iso, to_iso
 from .options import LiveSettings
 from .pipeline import Granularity, IsCancelled, Transcription, joiner, pad_window
-from .segments import Segment, Word
+from .segments import Segment, Word, repair_times
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ForcedAligner
 
-    from .engine import LoadedModel
+    from .loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +270,12 @@ class LiveSession:
         text = self._final_text(raw)
         delta = self._send(text)
         words: tuple[Word, ...] = ()
+        start = self._start + speech_start
+        end = max(start, self._start + min(speech_end, cut))
         if text and self.settings.words:
-            words = self._align(audio, text, language)
+            words = self._align(audio, text, language, (start / SAMPLE_RATE, end / SAMPLE_RATE))
         if text:
-            start = self._start + speech_start
-            end = self._start + min(speech_end, cut)
-            self._segments.append(Segment(text, start / SAMPLE_RATE, max(start, end) / SAMPLE_RATE, words))
+            self._segments.append(Segment(text, start / SAMPLE_RATE, end / SAMPLE_RATE, words))
             if language:
                 self._languages.append(language)
         self._raw, self._raw_tokens, self._passes, self._sent = "", 0, 0, ""
@@ -350,7 +350,8 @@ class LiveSession:
         self._text += piece
         return piece
 
-    def _align(self, audio: np.ndarray, text: str, language: str) -> tuple[Word, ...]:
+    def _align(self, audio: np.ndarray, text: str, language: str, speech: tuple[float, float]) -> tuple[Word, ...]:
+        """The utterance's words, repaired within its audio and its speech (`speech`: stream seconds)."""
         if self._aligner is None:
             self._aligner = self.model.acquire_aligner()
         with torch_state.forward_pass():
@@ -361,7 +362,10 @@ class LiveSession:
             )
         runtime.trim_heap()
         offset = self._start / SAMPLE_RATE
-        return tuple(Word(it.text, it.start_time + offset, it.end_time + offset) for it in aligned.items)
+        found = [Word(it.text, it.start_time + offset, it.end_time + offset) for it in aligned.items]
+        end = offset + len(audio) / SAMPLE_RATE
+        first, last = (min(max(edge, offset), end) for edge in speech)
+        return tuple(repair_times(found, end, start=offset, speech=(first, max(first, last))))
 
 
 _END = object()

@@ -1,8 +1,8 @@
 """One request's pass over its windows: plan them (voice activity detection or the whole file), run the ASR
 through the model's batcher, align when timestamps are asked, and build the result and its log line.
 
-The engine (`engine.py`) owns the models; this module only uses the `LoadedModel` a request was given, so
-LoadModel and Free can swap models while requests run.
+The engine (`engine.py`) owns the models; this module only uses the `LoadedModel` (`loaded_model.py`) a request
+was given, so LoadModel and Free can swap models while requests run.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from .chunking import Window, plan_speech_windows, plan_windows
 from .errors import Cancelled
 from .languages import detected_to_iso, to_iso
 from .options import WorkerOptions
-from .segments import Segment, Word, build_segments
+from .segments import Segment, Word, build_segments, repair_times
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ForcedAligner
 
-    from .engine import LoadedModel
+    from .loaded_model import LoadedModel
 
 log = logging.getLogger("qwen_asr_worker.engine")  # the request lines stay where operators filter for them
 
@@ -48,13 +48,19 @@ class Granularity(enum.Enum):
 
 @dataclass(frozen=True)
 class TranscriptionRequest:
-    """One request in domain terms: a decoded-later file path, a canonical language or None, a context."""
+    """One request in domain terms: a decoded-later file path, a canonical language or None, a context.
+
+    `diarize` and `temperature` are what the client (or LocalAI's defaults) asked for; the worker serves them its
+    own way: no speaker labels (it has no diarization), greedy decoding at any temperature.
+    """
 
     path: str
     language: str | None = None
     context: str = ""
     granularity: Granularity = Granularity.NONE
     model_identity: str = ""
+    diarize: bool = False
+    temperature: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class RequestRun:
 
     def events(self) -> Iterator[str | Transcription]:
         started = time.perf_counter()
+        self._note_served_defaults()
         if self.want_timestamps and not self.opts.timestamps_enabled:
             self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
         samples = load_audio(self.request.path)
@@ -123,6 +130,24 @@ class RequestRun:
         result = self._result(text, languages, words, duration, pieces)
         self._log(result, windows, time.perf_counter() - started)
         yield result
+
+    def _note_served_defaults(self) -> None:
+        """LocalAI's HTTP API sends `diarize=true` unless the form says `false`, and OpenAI clients may send a
+        temperature: both are served, and said once per loaded model."""
+        if self.request.diarize:
+            self.model.note_once(
+                "diarize",
+                "diarize=true asked (LocalAI's HTTP API sends it unless the form says diarize=false): served "
+                "without speaker labels, since this worker has no speaker diarization model; segments carry no "
+                "speaker. Said once for this model",
+            )
+        if self.request.temperature != 0:
+            self.model.note_once(
+                "temperature",
+                "temperature %.4g asked: decoding is greedy (the most likely token each step), so it is not used. "
+                "Said once for this model",
+                self.request.temperature,
+            )
 
     def _log(self, result: Transcription, windows: list[Window], elapsed: float) -> None:
         """One line per finished request: what was heard, what was skipped, how fast."""
@@ -199,7 +224,10 @@ class RequestRun:
         words: list[Word] = []
         for (window, _, _), result in zip(todo, aligned, strict=True):
             offset = window.start / SAMPLE_RATE
-            words.extend(Word(it.text, it.start_time + offset, it.end_time + offset) for it in result.items)
+            found = [Word(it.text, it.start_time + offset, it.end_time + offset) for it in result.items]
+            # Repaired within the window: degenerate times must not spread into a skipped silence.
+            bounds = (window.start / SAMPLE_RATE, window.end / SAMPLE_RATE)
+            words.extend(repair_times(found, bounds[1], start=bounds[0], speech=window.speech_seconds))
         return words
 
     def _result(
@@ -212,7 +240,9 @@ class RequestRun:
     ) -> Transcription:
         language = to_iso(self.request.language) if self.request.language else detected_to_iso(",".join(languages))
         if self.want_timestamps:
-            segments = build_segments(text, words, duration, max_segment_seconds=self.opts.max_segment_seconds)
+            segments = build_segments(
+                text, words, duration, max_segment_seconds=self.opts.max_segment_seconds, times_repaired=True
+            )
         elif self.opts.vad:  # one segment per window, from its first to its last speech
             segments = [
                 Segment(text=piece, start=w.speech_seconds[0], end=w.speech_seconds[1], words=())

@@ -5,7 +5,7 @@ spacing stripped, and its times are sometimes broken (all zeros, zero-length wor
 start, out-of-order times; QwenLM/Qwen3-ASR issues 55 and 197). Subtitles need sentences that read like the
 transcript, with punctuation and casing, and times that never go backwards. So this module:
 
-1. repairs the word times (`repair_times`),
+1. repairs the word times (`repair_times`), within the span of audio they were aligned on,
 2. maps every aligned word back onto the transcript, skipping the characters the aligner drops,
 3. cuts the transcript into segments at sentence ends, long pauses and a length cap (`build_segments`).
 
@@ -56,10 +56,14 @@ class Segment:
 # --- time repair ------------------------------------------------------------------------------------------------
 
 
-def repair_times(words: Sequence[Word], duration: float) -> list[Word]:
+def repair_times(
+    words: Sequence[Word], duration: float, *, start: float = 0.0, speech: tuple[float, float] | None = None
+) -> list[Word]:
     """Return `words` with times that are clamped, ordered and non-degenerate; texts and order are unchanged.
 
-    Every time is first clamped to `[0, duration]`. A word is *bad* when any of these holds:
+    The words lie in the span `[start, duration]`: the whole file by default, or one window, so that repaired
+    words never leave the audio they were aligned on (a window after a skipped silence must not spread its words
+    back into that silence). Every time is first clamped to the span. A word is *bad* when any of these holds:
 
     - its start or end is NaN or infinite;
     - after clamping, `end <= start` (zero-length or reversed, including a time past `duration` that collapses);
@@ -71,28 +75,48 @@ def repair_times(words: Sequence[Word], duration: float) -> list[Word]:
     that leaves it with `end <= start` it is bad instead. Other good words keep their (clamped) times.
 
     Each maximal run of bad words is spread evenly, in order, over the gap between its good neighbours: from the
-    previous good word's end (0 at the start) to the next good word's start (`duration` at the end). A bad word
-    is zero-length only when that gap is zero.
+    previous good word's end to the next good word's start. A run with no good word before it starts at `start`,
+    one with none after it ends at `duration`; or, given `speech` (where speech begins and ends inside the span,
+    as voice activity detection found it, the span holding padding around it), at the speech's first and last
+    instant, unless a good neighbour lies beyond that edge. A bad word is zero-length only when its gap is zero.
 
-    The result satisfies `0 <= start <= end <= duration` for every word and `start[i + 1] >= end[i]`.
+    The result satisfies `start <= word.start <= word.end <= duration` for every word and
+    `word[i + 1].start >= word[i].end`.
 
     Raises:
-        ValueError: `duration` is negative, NaN or infinite.
+        ValueError: `duration` or `start` is negative, NaN or infinite, `start > duration`, or `speech` does not
+            lie in the span in order.
     """
     if not math.isfinite(duration) or duration < 0:
         raise ValueError(f"duration must be a finite number >= 0, got {duration!r}")
-    times = [_clamp(w, duration) for w in words]
+    if not math.isfinite(start) or not 0 <= start <= duration:
+        raise ValueError(f"start must be a finite number in [0, duration={duration!r}], got {start!r}")
+    first, last = speech if speech is not None else (start, duration)
+    if not start <= first <= last <= duration:  # False for NaN too
+        raise ValueError(f"speech must lie in order inside [{start!r}, {duration!r}], got {speech!r}")
+    times = [_clamp(w, start, duration) for w in words]
     good = _good_mask(times)
     times = _trim_overlaps(times, good)
-    times = _spread_bad_runs(times, good, duration)
+    times = _spread_bad_runs(times, good, first, last)
     return [replace(w, start=s, end=e) for w, (s, e) in zip(words, times, strict=True)]
 
 
-def _clamp(word: Word, duration: float) -> tuple[float, float]:
+def is_repaired(words: Sequence[Word], duration: float) -> bool:
+    """Whether `words` already hold what `repair_times` guarantees over `[0, duration]`: finite, ordered,
+    non-overlapping times inside it (zero-length words allowed)."""
+    previous_end = 0.0
+    for word in words:
+        if not (previous_end <= word.start <= word.end <= duration):  # False for NaN too
+            return False
+        previous_end = word.end
+    return True
+
+
+def _clamp(word: Word, low: float, high: float) -> tuple[float, float]:
     start, end = float(word.start), float(word.end)
     if not (math.isfinite(start) and math.isfinite(end)):
         return math.nan, math.nan
-    return min(max(start, 0.0), duration), min(max(end, 0.0), duration)
+    return min(max(start, low), high), min(max(end, low), high)
 
 
 def _good_mask(times: list[tuple[float, float]]) -> list[bool]:
@@ -149,8 +173,11 @@ def _trim_overlaps(times: list[tuple[float, float]], good: list[bool]) -> list[t
     return out
 
 
-def _spread_bad_runs(times: list[tuple[float, float]], good: list[bool], duration: float) -> list[tuple[float, float]]:
-    """Give each run of bad words equal shares of the time between its good neighbours."""
+def _spread_bad_runs(
+    times: list[tuple[float, float]], good: list[bool], first: float, last: float
+) -> list[tuple[float, float]]:
+    """Give each run of bad words equal shares of the time between its good neighbours, or between `first` (a run
+    with none before) and `last` (a run with none after), moved so that they never pass a good neighbour."""
     out = list(times)
     n = len(times)
     i = 0
@@ -161,8 +188,10 @@ def _spread_bad_runs(times: list[tuple[float, float]], good: list[bool], duratio
         j = i
         while j < n and not good[j]:
             j += 1
-        low = out[i - 1][1] if i > 0 else 0.0
-        high = out[j][0] if j < n else duration
+        high = out[j][0] if j < n else None
+        low = out[i - 1][1] if i > 0 else min(first, last if high is None else high)
+        if high is None:
+            high = max(last, low)
         out[i:j] = _even_split(low, max(low, high), j - i)
         i = j
     return out
@@ -319,14 +348,18 @@ def build_segments(
     max_segment_seconds: float = 30.0,
     pause_factor: float = 4.0,
     min_pause: float = 0.3,
+    times_repaired: bool = False,
 ) -> list[Segment]:
     """Group aligned `words` into sentence segments of `transcript`.
 
-    Times are repaired first (`repair_times`). A new segment starts after a word when, between it and the next
-    word, the transcript has sentence-ending punctuation (not a decimal point as in "3.5", not after a title such
-    as "Mr.", not a "." or "…" followed by a lowercase word); when the pause before the next word is longer than
-    `max(pause_factor * median pause, min_pause)`; or when the next word would make the segment last longer than
-    `max_segment_seconds` (a single longer word still gets a segment of its own).
+    Times are repaired first over the whole file (`repair_times`), unless `times_repaired` says the caller has
+    repaired them already, each window's words within its own speech (then they are only checked).
+
+    A new segment starts after a word when, between it and the next word, the transcript has sentence-ending
+    punctuation (not a decimal point as in "3.5", not after a title such as "Mr.", not a "." or "…" followed by a
+    lowercase word); when the pause before the next word is longer than `max(pause_factor * median pause,
+    min_pause)`; or when the next word would make the segment last longer than `max_segment_seconds` (a single
+    longer word still gets a segment of its own).
 
     Each segment's text is the transcript from its first word to the next segment's first word, with the
     trailing punctuation, without surrounding whitespace; text before the first word joins the first segment.
@@ -337,11 +370,17 @@ def build_segments(
     Returns [] for an empty transcript or no words.
 
     Raises:
-        ValueError: a non-finite or negative `duration`, `max_segment_seconds <= 0`, or a negative pause setting.
+        ValueError: a non-finite or negative `duration`, `max_segment_seconds <= 0`, a negative pause setting, or
+            `times_repaired` with times that are not (`is_repaired`).
     """
     if not max_segment_seconds > 0 or not pause_factor >= 0 or not min_pause >= 0:
         raise ValueError("max_segment_seconds must be > 0 and pause_factor, min_pause >= 0")
-    timed = repair_times(words, duration)
+    if times_repaired:
+        if not is_repaired(words, duration):
+            raise ValueError("times_repaired was given, but the word times are not ordered inside the file")
+        timed = list(words)
+    else:
+        timed = repair_times(words, duration)
     if not transcript.strip() or not timed:
         return []
     spans = _locate(transcript, timed)

@@ -105,11 +105,18 @@ def parse_granularity(values: Iterable[str]) -> Granularity:
 
 
 def to_request(request: backend_pb2.TranscriptRequest) -> TranscriptionRequest:
-    """Validate a proto request and turn it into the engine's request."""
+    """Validate a proto request and turn it into the engine's request.
+
+    Every field LocalAI fills by default is served: `diarize` (true unless the form says false) and
+    `temperature` go to the engine, which serves them its own way; `threads` (the model config's) is not per
+    request here, since torch's CPU threads are process-wide and set at LoadModel; `stream` is the RPC's choice.
+    Only `translate=true` is refused: the model cannot translate.
+    """
     if request.translate:
-        raise InvalidRequest("translation is not supported: Qwen3-ASR transcribes in the spoken language")
-    if request.diarize:
-        raise InvalidRequest("speaker diarization is not supported by this backend; send diarize=false")
+        raise InvalidRequest(
+            "translation is not supported: Qwen3-ASR transcribes in the spoken language; send translate=false "
+            "(in LocalAI, remove 'translate: true' from the model YAML's parameters)"
+        )
     if not request.dst:
         raise InvalidRequest("no audio file given: dst is empty")
     if len(request.prompt) > MAX_PROMPT_CHARS:
@@ -122,6 +129,8 @@ def to_request(request: backend_pb2.TranscriptRequest) -> TranscriptionRequest:
         context=request.prompt,
         granularity=parse_granularity(request.timestamp_granularities),
         model_identity=request.ModelIdentity,
+        diarize=request.diarize,
+        temperature=request.temperature,
     )
 
 

@@ -28,6 +28,19 @@ def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_asr_checkpoint(tmp_path_factory.mktemp("fast") / "asr", sentence=LONG)
 
 
+def packing_problem(dtype: torch.dtype) -> str:
+    """Why the fast path's packed linears cannot run on this CPU in `dtype` ("" when they can), as the load itself
+    decides it. oneDNN packs bf16 only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, so on an AVX2-only CPU bf16
+    loads take the stock path; a bf16 kernel for such CPUs makes this "" and switches the fast-path checks on."""
+    return fast_decode.kernels_available(dtype, "none")
+
+
+def _needs_packing(dtype: torch.dtype) -> None:
+    problem = packing_problem(dtype)
+    if problem:
+        pytest.skip(f"the fast path's {dtype} linears need an instruction set this CPU lacks ({problem})")
+
+
 def _load(
     path: Path, dtype: torch.dtype, *, fast: bool, quantization: str = "none", tokens: int = 300, attn: str = "sdpa"
 ) -> Any:
@@ -71,23 +84,28 @@ def test_greedy_tokens_identical_to_the_stock_path(long_checkpoint: Path, dtype:
     contexts = ["", "a much longer context that pads the other prompt"]
     stock_texts, stock_ids = _generate(_load(long_checkpoint, dtype, fast=False), clips, contexts)
     fast = _load(long_checkpoint, dtype, fast=True)
-    assert any(isinstance(m, decode_linears.PackedLinear) for m in fast.model.modules())
+    # Where the CPU cannot pack this dtype the load keeps the stock path (and says so: tested below), and says the
+    # same; where it can, the packed path must say the same.
+    packed = any(isinstance(m, decode_linears.PackedLinear) for m in fast.model.modules())
+    assert packed is not bool(packing_problem(dtype))
     fast_texts, fast_ids = _generate(fast, clips, contexts)
     assert stock_texts == fast_texts == [LONG, LONG]
     assert stock_ids.shape[1] > 300  # a long generation; cache growth itself is tested on the cache layer below
     assert torch.equal(stock_ids, fast_ids)
 
 
-def test_eager_attention_keeps_its_own_cache_and_says_the_same(long_checkpoint: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_eager_attention_keeps_its_own_cache_and_says_the_same(long_checkpoint: Path, dtype: torch.dtype) -> None:
     """A decoder on transformers' eager attention keeps it and the stock cache (the in-place cache is built for our
     single-query attention only); the packed linears still apply. (qwen-asr leaves the decoder
     on SDPA even for attn_implementation:eager, so the config is set here directly.)"""
+    _needs_packing(dtype)
     clips = [speech_like(3.0, seed=5)]
-    models_ = [_load(long_checkpoint, torch.bfloat16, fast=False) for _ in range(2)]
+    models_ = [_load(long_checkpoint, dtype, fast=False) for _ in range(2)]
     for model in models_:
         model.model.thinker.model.config._attn_implementation = "eager"
     stock, fast = models_
-    note = fast_decode.accelerate_decoder(fast.model, device="cpu", dtype=torch.bfloat16)
+    note = fast_decode.accelerate_decoder(fast.model, device="cpu", dtype=dtype)
     assert note.startswith("fast CPU decode")
     assert fast.model.thinker.model.config._attn_implementation == "eager"
     stock_texts, stock_ids = _generate(stock, clips, [""])
@@ -122,6 +140,25 @@ def test_missing_kernels_fall_back_to_the_stock_path(
     assert len(warnings) == 1 and "_reorder_linear_weight" in warnings[0]
     assert not any(isinstance(m, decode_linears.PackedLinear) for m in model.model.modules())
     assert isinstance(model.model.thinker.lm_head, nn.Linear)
+    assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_dtype_the_cpu_cannot_pack_keeps_the_stock_path_and_says_why(
+    long_checkpoint: Path, dtype: torch.dtype, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a CPU whose oneDNN cannot pack `dtype` (bf16 without AVX-512 or AVX-NE-CONVERT) the load falls back
+    with one warning that names oneDNN's reason, and transcribes as the stock path does; elsewhere no such
+    warning. (On every CPU the fallback itself is also forced in the test above.)"""
+    problem = packing_problem(dtype)
+    with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
+        model = _load(long_checkpoint, dtype, fast=True)
+    warnings = [r.getMessage() for r in caplog.records if "fast CPU decode unavailable" in r.getMessage()]
+    packed = any(isinstance(m, decode_linears.PackedLinear) for m in model.model.modules())
+    if problem:
+        assert len(warnings) == 1 and problem in warnings[0] and not packed
+    else:
+        assert not warnings and packed
     assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
 
 
@@ -208,6 +245,7 @@ def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weig
 
     if ops == "C" and cpu_kernels.load()[0] is None:
         pytest.skip(f"no compiled kernels here: {cpu_kernels.load()[1]}")
+    _needs_packing(dtype)
 
     long_checkpoint = request.getfixturevalue("long_checkpoint" if heads == "2 on 1" else "grouped_checkpoint")
     stock = _load(long_checkpoint, dtype, fast=False, tokens=40)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_asr_worker.segments import Segment, Word, build_segments, repair_times
+from qwen_asr_worker.segments import Segment, Word, build_segments, is_repaired, repair_times
 
 NAN = math.nan
 
@@ -344,3 +344,103 @@ def test_well_formed_times_are_kept(steps: list[tuple[float, float]]) -> None:
         t = start + length
         words.append(Word(f"w{i}", start, t))
     assert repair_times(words, duration=t + 1.0) == words
+
+
+# --- repair inside a window ---------------------------------------------------------------------------------------
+
+# A window from 59.6 to 63.5 s whose speech runs from 60.0 to 63.1 s (voice activity detection pads it by 0.4 s).
+WINDOW, SPEECH = (59.6, 63.5), (60.0, 63.1)
+WINDOW_REPAIRS = [
+    pytest.param(
+        [(0, 0)] * 4, [(60.0, 60.775), (60.775, 61.55), (61.55, 62.325), (62.325, 63.1)], id="all-zero-over-the-speech"
+    ),
+    pytest.param([(1.0, 1.0)] * 2, [(60.0, 61.55), (61.55, 63.1)], id="one-start-for-all-before-the-window"),
+    pytest.param(
+        [(60.1, 60.5), (0, 0), (0, 0)], [(60.1, 60.5), (60.5, 61.8), (61.8, 63.1)], id="bad-tail-ends-at-the-speech"
+    ),
+    pytest.param([(59.7, 60.2), (0, 0)], [(59.7, 60.2), (60.2, 63.1)], id="good-word-in-the-padding-kept"),
+    pytest.param([(0, 0), (59.8, 60.3)], [(59.8, 59.8), (59.8, 60.3)], id="bad-head-never-passes-a-good-word"),
+    pytest.param([(62.0, 63.4), (0, 0)], [(62.0, 63.4), (63.4, 63.4)], id="bad-tail-after-a-good-word-past-speech"),
+    pytest.param([(70.0, 80.0), (61, 62)], [(60.0, 61.0), (61.0, 62.0)], id="past-the-window-is-bad-then-spread"),
+]
+
+
+@pytest.mark.parametrize(("times", "expected"), WINDOW_REPAIRS)
+def test_repair_inside_a_window(times: list[tuple[float, float]], expected: list[tuple[float, float]]) -> None:
+    words = [Word(f"w{i}", s, e) for i, (s, e) in enumerate(times)]
+    repaired = repair_times(words, WINDOW[1], start=WINDOW[0], speech=SPEECH)
+    assert [(w.start, w.end) for w in repaired] == [pytest.approx(pair) for pair in expected]
+    assert all(WINDOW[0] <= w.start <= w.end <= WINDOW[1] for w in repaired)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"duration": 5.0, "start": 6.0},
+        {"duration": 5.0, "start": NAN},
+        {"duration": 5.0, "start": -1.0},
+        {"duration": 5.0, "start": 1.0, "speech": (0.5, 2.0)},
+        {"duration": 5.0, "speech": (3.0, 2.0)},
+        {"duration": 5.0, "speech": (1.0, 6.0)},
+        {"duration": 5.0, "speech": (NAN, 2.0)},
+    ],
+)
+def test_repair_refuses_a_bad_span(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=r"^(start|speech) must"):
+        repair_times([Word("a", 0, 1)], **kwargs)
+
+
+def test_times_repaired_are_checked_not_trusted() -> None:
+    with pytest.raises(ValueError, match="not ordered"):
+        build_segments("a b", [Word("a", 2, 3), Word("b", 1, 2)], 5.0, times_repaired=True)
+    with pytest.raises(ValueError, match="not ordered"):
+        build_segments("a", [Word("a", 4, 6)], 5.0, times_repaired=True)
+
+
+@st.composite
+def windowed(draw: st.DrawFn) -> tuple[str, list[list[Word]], list[tuple[float, float, float, float]], float]:
+    """A transcript over 1-4 windows with gaps between them, each window's words with messy times (often all
+    degenerate, as in issue 55), each window's bounds and speech, and the file's duration."""
+    transcript, words, _, _ = draw(aligned())
+    cuts = sorted(draw(st.lists(st.integers(0, len(words)), max_size=3)))
+    groups = [words[a:b] for a, b in zip([0, *cuts], [*cuts, len(words)], strict=True)]
+    spans, t = [], 0.0
+    for group in groups:
+        start = t + draw(st.floats(0.0, 60.0, allow_subnormal=False))
+        end = start + draw(st.floats(0.0, 30.0, allow_subnormal=False))
+        pad = draw(st.floats(0.0, 0.4, allow_subnormal=False))
+        first, last = min(start + pad, end), max(min(start + pad, end), end - pad)
+        spans.append((start, end, first, last))
+        if draw(st.booleans()):
+            group[:] = [Word(w.text, 0.0, 0.0) for w in group]  # the aligner's all-zero answer
+        t = end
+    return transcript, groups, spans, t + draw(st.floats(0.0, 5.0, allow_subnormal=False))
+
+
+@settings(max_examples=200, deadline=None)
+@given(windowed())
+def test_words_repaired_per_window_stay_in_it(case: tuple[str, list[list[Word]], list, float]) -> None:
+    """Each window's words stay inside that window (and runs with no good neighbour inside its speech), and the
+    concatenation is what build_segments accepts as repaired, with every segment property kept."""
+    transcript, groups, spans, duration = case
+    repaired: list[Word] = []
+    for group, (start, end, first, last) in zip(groups, spans, strict=True):
+        fixed = repair_times(group, end, start=start, speech=(first, last))
+        assert [w.text for w in fixed] == [w.text for w in group]
+        assert all(start <= w.start <= w.end <= end for w in fixed)
+        if group and all(w.start == w.end == 0.0 for w in group) and start > 0:
+            assert all(first <= w.start <= w.end <= last for w in fixed)  # all degenerate: spread over the speech
+        repaired += fixed
+    _check_times(repaired, duration)
+    segments = build_segments(transcript, repaired, duration, max_segment_seconds=30.0, times_repaired=True)
+    flat = [w for s in segments for w in s.words]
+    assert flat == repaired or not segments  # times pass through unchanged
+    if segments:
+        _check_segments(transcript, repaired, segments, duration, 30.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(aligned())
+def test_repair_output_counts_as_repaired(case: tuple[str, list[Word], float, float]) -> None:
+    _, words, duration, _ = case
+    assert is_repaired(repair_times(words, duration), duration)

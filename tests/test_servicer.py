@@ -87,7 +87,6 @@ def test_prompt_is_accepted(harness: Harness, checkpoints: dict[str, Path], audi
         ({"language": "klingon"}, "unsupported language"),
         ({"timestamp_granularities": ["sentence"]}, "unknown timestamp granularity"),
         ({"translate": True}, "translation is not supported"),
-        ({"diarize": True}, "diarization is not supported"),
         ({"prompt": "x" * 20_000}, "prompt is 20000 characters"),
     ],
 )

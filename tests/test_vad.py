@@ -314,3 +314,69 @@ print(torch.get_num_threads())
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
     )
     assert out.stdout.strip() == "2"  # silero_vad's import sets 1 for the whole process; the worker puts it back
+
+
+# --- degenerate aligner times stay in their window ------------------------------------------------------------------
+
+
+def _zero_times_of(monkeypatch: pytest.MonkeyPatch, positions: set[int]) -> None:
+    """The real aligner's answer with every time of the windows at `positions` (in one align call's batch) set to
+    0: the upstream bug (QwenLM/Qwen3-ASR issue 55) on a chosen window."""
+    from qwen_asr import Qwen3ForcedAligner
+    from qwen_asr.inference.qwen3_forced_aligner import ForcedAlignItem, ForcedAlignResult
+
+    real = Qwen3ForcedAligner.align
+
+    def align(self: Qwen3ForcedAligner, audio: object, text: object, language: object) -> list[ForcedAlignResult]:
+        results = real(self, audio=audio, text=text, language=language)
+        return [
+            ForcedAlignResult([ForcedAlignItem(it.text, 0, 0) for it in r.items]) if i in positions else r
+            for i, r in enumerate(results)
+        ]
+
+    monkeypatch.setattr(Qwen3ForcedAligner, "align", align)
+
+
+def _timed(served: Harness, name: str) -> list[tuple[int, int]]:
+    result = served.transcribe(_path(name), timestamp_granularities=["word"])
+    return [(w.start, w.end) for s in result.segments for w in s.words]
+
+
+def _windows(name: str, *options: str) -> list[Window]:
+    return plan_request(load_audio(_path(name)), parse_options(list(options)))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "broken"),
+    [
+        ("gap.opus", ["vad:on"], 1),  # the second of two speech regions
+        ("late.opus", ["vad:on"], 0),  # the only region, after a minute of silence
+        ("gap.opus", ["vad:off", "chunk_seconds:10"], 1),  # the second of two windows
+        ("late.opus", ["vad:off", "chunk_seconds:10"], -1),  # the window with the speech, after six of silence
+    ],
+)
+def test_degenerate_word_times_stay_in_their_window(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, name: str, options: list[str], broken: int
+) -> None:
+    windows = _windows(name, *options)
+    broken %= len(windows)
+    with serving() as served:
+        assert served.load(checkpoints["asr"], *options, f"forced_aligner:{checkpoints['aligner']}").success
+        good = _timed(served, name)
+        _zero_times_of(monkeypatch, {broken})
+        repaired = _timed(served, name)
+    per_window = len(SENTENCE_WORDS)  # the tiny model says its sentence in every window
+    assert len(good) == len(repaired) == per_window * len(windows)
+    for k, window in enumerate(windows):
+        mine = slice(k * per_window, (k + 1) * per_window)
+        if k != broken:
+            assert repaired[mine] == good[mine]  # the other windows keep the aligner's times
+            continue
+        low, high = (round(t * 1e9) for t in window.speech_seconds)
+        assert all(low <= start <= end <= high for start, end in repaired[mine])  # inside the window's speech
+        starts = [start for start, _ in repaired[mine]]
+        assert starts == sorted(set(starts))  # spread out, not stacked on one time
+    if options[0] == "vad:on":  # and inside the speech the layout says is there, never in the skipped silence
+        speech_start, speech_end = LAYOUT[name]["speech"][broken]
+        mine = repaired[broken * per_window : (broken + 1) * per_window]
+        assert speech_start - 0.25 <= mine[0][0] / 1e9 and mine[-1][1] / 1e9 <= speech_end + 0.6

@@ -43,8 +43,13 @@ def main(addr: str, model: str, aligner: str, audio: str) -> None:
         ),
         timeout=120,
     )
-    result = stub.AudioTranscription(pb.TranscriptRequest(dst=audio, timestamp_granularities=["word"]), timeout=60)
-    stream = list(stub.AudioTranscriptionStream(pb.TranscriptRequest(dst=audio, stream=True), timeout=60))
+    # As LocalAI's HTTP handler fills them for a plain upload: diarize unless the form says false, the model
+    # config's threads, the model's identity (core/http/endpoints/openai/transcription.go, core/backend/transcript.go).
+    defaults = {"diarize": True, "threads": 4, "temperature": 0.0, "ModelIdentity": model}
+    result = stub.AudioTranscription(
+        pb.TranscriptRequest(dst=audio, timestamp_granularities=["word"], **defaults), timeout=60
+    )
+    stream = list(stub.AudioTranscriptionStream(pb.TranscriptRequest(dst=audio, stream=True, **defaults), timeout=60))
     import soundfile
 
     samples, rate = soundfile.read(audio, dtype="float32")
