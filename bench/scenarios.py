@@ -608,7 +608,7 @@ def _decoder_bytes(thinker: Any) -> int:
     for module in {id(m): m for m in [*thinker.model.modules(), thinker.lm_head]}.values():
         if isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
-        elif isinstance(module, (decode_linears.PackedLinear, decode_linears.Int8Linear)):
+        elif isinstance(module, (decode_linears.PackedLinear, decode_linears.Bf16Linear, decode_linears.Int8Linear)):
             total += module.weight_bytes
     return total
 

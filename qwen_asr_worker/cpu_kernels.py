@@ -1,10 +1,12 @@
 """Our CPU decode kernels (`kernels/*.c`): compiled on this machine on first use, cached, called with ctypes.
 
-Two things in a CPU decode step were left that torch does not do well:
+Three things in a CPU decode step were left that torch does not do well:
 
 * `quantization:int8` halves the bytes a step reads, but torch's weight-only int8 kernel streams them at about 0.8
-  of the memory bandwidth, so int8 was barely faster than packed bf16. `int8_matmul.c` stores each weight matrix in
-  blocks that are one sequential stream and reaches about the bandwidth `torch.sum` does.
+  of the memory bandwidth, so int8 was barely faster than packed bf16. `blocked_matmul.c` stores each weight matrix
+  in blocks that are one sequential stream and reaches about the bandwidth `torch.sum` does.
+* bf16 weights: oneDNN packs them only on CPUs with AVX-512 or AVX-NE-CONVERT. `blocked_matmul.c` multiplies them in
+  the same blocked layout on any CPU with AVX2 and FMA, widening them to float32 in registers.
 * Between its matrix products a decoder layer ran about sixty small torch operators per step, a few microseconds of
   dispatch each for a few kilobytes of work: milliseconds per token. `decode_ops.c` does most of them in three calls.
 
@@ -32,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("int8_matmul.c", "decode_ops.c"))
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("blocked_matmul.c", "decode_ops.c"))
 ROWS, CHUNK = 4, 16  # the blocked layout's shape; must match the source
 MAX_KERNEL_ROWS = 48  # rows of x up to which the kernel beats unpacking the weights for a general product (measured)
 _UNPACK_ROWS = 16384  # output rows unpacked at a time for a general product (32 MiB in bf16 for K = 1024)
@@ -53,7 +55,7 @@ class Kernels:
 
     @staticmethod
     def block(weight: torch.Tensor) -> torch.Tensor:
-        """An int8 (N, K) weight in the kernel's blocked layout (a new contiguous tensor, shape (N, K))."""
+        """An int8 or bf16 (N, K) weight in the kernels' blocked layout (a new contiguous tensor, shape (N, K))."""
         n, k = weight.shape
         return weight.reshape(n // ROWS, ROWS, k // CHUNK, CHUNK).transpose(1, 2).contiguous().reshape(n, k)
 
@@ -91,12 +93,50 @@ class Kernels:
             raise MemoryError("the int8 kernel could not allocate its float32 copy of the input")
         return out
 
+    def bf16_matmul(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T` for a contiguous 2-D bf16/fp32 `x` and the blocked bf16 `W`, in x's dtype: float32 products
+        and sums, one rounding. Many rows (a prompt) go to a general float32 product over unpacked slices.
+
+        Raises:
+            ValueError: the tensors are not what the kernel reads (it would read past them).
+        """
+        if (
+            x.dim() != 2
+            or x.dtype not in (torch.bfloat16, torch.float32)
+            or not x.is_contiguous()
+            or x.shape[1] != blocked.shape[1]
+            or blocked.dtype != torch.bfloat16
+            or not blocked.is_contiguous()
+        ):
+            raise ValueError(
+                f"bf16 kernel inputs: x {x.dtype} {tuple(x.shape)}, weight {blocked.dtype} {tuple(blocked.shape)}: "
+                "need a contiguous bf16/fp32 x with the weight's width and a contiguous bf16 weight (was the model "
+                "converted after loading?)"
+            )
+        rows, n = x.shape[0], blocked.shape[0]
+        if rows > MAX_KERNEL_ROWS:
+            out = torch.empty(rows, n, dtype=x.dtype)
+            wide = x.float()
+            for row0 in range(0, n, _UNPACK_ROWS):
+                count = min(_UNPACK_ROWS, n - row0)
+                part = torch.nn.functional.linear(wide, self.unpack(blocked, row0, count, torch.float32))
+                out[:, row0 : row0 + count] = part
+            return out
+        out = torch.empty(rows, n, dtype=x.dtype)
+        status = self.lib.qa_bf16_matmul(
+            x.data_ptr(), _bf16(x), blocked.data_ptr(), out.data_ptr(), rows, n, x.shape[1], torch.get_num_threads()
+        )
+        if status != 0:
+            raise MemoryError("the bf16 kernel could not allocate its float32 copy of the input")
+        return out
+
     def unpack(self, blocked: torch.Tensor, row0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `[row0, row0 + rows)` of the blocked weight as their integer values, row-major, in `dtype`."""
+        """Rows `[row0, row0 + rows)` of the blocked int8 or bf16 weight as their values, row-major, in `dtype`
+        (bf16 or fp32; int8 as its integers)."""
         out = torch.empty(rows, blocked.shape[1], dtype=dtype)
-        self.lib.qa_int8_unpack(
-            blocked.data_ptr(), int(dtype == torch.bfloat16), out.data_ptr(), blocked.shape[1], row0, rows,
-            torch.get_num_threads(),
+        self.lib.qa_blocked_unpack(
+            blocked.data_ptr(), _bf16(blocked), int(dtype == torch.bfloat16), out.data_ptr(), blocked.shape[1],
+            row0, rows, torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -212,8 +252,10 @@ def build(march: str = "native") -> Kernels:
     lib.qa_int8_vector_bits.restype = i32
     lib.qa_int8_matmul.restype = i32
     lib.qa_int8_matmul.argtypes = [p, i32, p, p, p, i64, i64, i64, i32]
+    lib.qa_bf16_matmul.restype = i32
+    lib.qa_bf16_matmul.argtypes = [p, i32, p, p, i64, i64, i64, i32]
     signatures: dict[str, list[Any]] = {
-        "qa_int8_unpack": [p, i32, p, i64, i64, i64, i32],
+        "qa_blocked_unpack": [p, i32, i32, p, i64, i64, i64, i32],
         "qa_rms_norm": [p, p, p, i64, i64, i64, f32, i32],
         "qa_add_rms_norm": [p, p, p, p, p, i64, i64, f32, i32],
         "qa_attend": [p, p, f32, p, p, p, p, i64, i64, p, f32, p, i64, i64, i64, i64, p, p, i32, i32],

@@ -1,11 +1,13 @@
-"""The decoder's linear layers for the fast CPU decode path: packed (oneDNN) or int8, with q/k/v and gate/up
-stacked.
+"""The decoder's linear layers for the fast CPU decode path: packed (oneDNN), bf16 blocked or int8, with q/k/v and
+gate/up stacked.
 
 `F.linear` on bf16 weights runs a matrix-vector product at about 60 % of the bandwidth oneDNN reaches with the same
 weights reordered once into its blocked layout ("prepacked"); the result is the same to the bit. `PackedLinear`
-holds only that packed weight. `Int8Linear` holds int8 weights with one float scale per output channel, multiplied
-by our blocked kernel (`cpu_kernels`) or torch's weight-only int8 kernel. Linear layers that always read the same
-input (an attention block's q, k, v; an MLP's gate and up) become one stacked matrix, so one call reads them all.
+holds only that packed weight. oneDNN packs bf16 only on CPUs with AVX-512 or AVX-NE-CONVERT; elsewhere `Bf16Linear`
+holds the bf16 weight in our kernels' blocked layout (`cpu_kernels`). `Int8Linear` holds int8 weights with one float
+scale per output channel, multiplied by our blocked kernel or torch's weight-only int8 kernel. Linear layers that
+always read the same input (an attention block's q, k, v; an MLP's gate and up) become one stacked matrix, so one
+call reads them all.
 """
 
 from __future__ import annotations
@@ -74,6 +76,39 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         how = f"blocked, {self.kernel.vector_bits}-bit kernel" if self.kernel is not None else "torch's kernel"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel ({how})"
+
+
+class Bf16Linear(nn.Module):
+    """A linear layer whose weight is stored in bf16 in our kernels' blocked layout and multiplied by them: bf16
+    widened to float32 in registers, float32 products and sums, on any CPU with AVX2 and FMA (where oneDNN packs
+    no bf16). Activations stay in their dtype, bf16 or float32. A shape the layout does not take keeps a row-major
+    bf16 weight for `F.linear` in the activations' dtype.
+
+    The blocked weight is a plain attribute, not a buffer, so converting the model's dtype (`.float()`) leaves it
+    in bf16; `weight_bytes` carries its size for `Status`."""
+
+    def __init__(self, linear: nn.Linear, kernel: cpu_kernels.Kernels) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.kernel = kernel if kernel.fits(*weight.shape) else None
+        self.weight_bf16 = kernel.block(weight) if self.kernel is not None else weight.contiguous()
+        self.bias = linear.bias
+        self.weight_bytes = weight.numel() * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T + b`, as `nn.Linear`, in x's dtype."""
+        if self.kernel is None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.weight_bf16.to(x.dtype), bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.kernel.bf16_matmul(flat.contiguous(), self.weight_bf16)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        how = f"blocked, {self.kernel.vector_bits}-bit kernel" if self.kernel is not None else "row-major"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 ({how})"
 
 
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears that always read the same input

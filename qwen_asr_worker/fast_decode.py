@@ -4,7 +4,8 @@ On a CPU a Qwen3-ASR request's time goes to decoding: every token reads the deco
 the output projection, 1.19 GB in bf16), so the floor is memory bandwidth. The stock path runs well above it.
 Profiling one decode step showed where; `accelerate_decoder` applies each remedy to a loaded model:
 
-* **Linear layers** (`decode_linears`): packed for oneDNN, or int8, q/k/v and gate/up stacked. The originals are
+* **Linear layers** (`decode_linears`): packed for oneDNN (or, for bf16 where oneDNN packs none, our blocked bf16
+  kernel), or int8, q/k/v and gate/up stacked. The originals are
   released, and where they were memory-mapped from the checkpoint their pages are handed back too (here), so
   memory does not double. The audio encoder, which runs once per window on many frames, keeps its stock layers.
 * **The decode step** (`decode_step`): a key/value cache that grows in place, attention for a single query without
@@ -36,14 +37,23 @@ import torch
 from torch import nn
 
 from . import cpu_kernels, decode_step, runtime
-from .decode_linears import Int8Linear, PackedLinear, linear_from, replace_linears
+from .decode_linears import Bf16Linear, Int8Linear, PackedLinear, linear_from, replace_linears
 
 log = logging.getLogger(__name__)
 
 
 def kernels_available(dtype: torch.dtype, quantization: str) -> str:
-    """Why the fast path cannot run here ("" when it can): each private operator is tried on a tiny input and
-    must match `F.linear`."""
+    """Why the fast path's linear layers cannot run here ("" when they can): each private operator is tried on a
+    tiny input and must match `F.linear`. For bf16 on a CPU where oneDNN cannot pack it (no AVX-512 and no
+    AVX-NE-CONVERT), our blocked bf16 kernel stands in when it builds and agrees."""
+    problem = _packed_problem(dtype, quantization)
+    if problem and dtype == torch.bfloat16 and quantization == "none" and bf16_kernel() is not None:
+        return ""
+    return problem
+
+
+def _packed_problem(dtype: torch.dtype, quantization: str) -> str:
+    """Why oneDNN's packed (or torch's int8) linears cannot run here in `dtype` ("" when they can)."""
     weight = torch.randn(8, 16).to(dtype)
     x = torch.randn(2, 16).to(dtype)
     expected = torch.nn.functional.linear(x, weight)
@@ -59,6 +69,18 @@ def kernels_available(dtype: torch.dtype, quantization: str) -> str:
     if got.shape != expected.shape or float((got.float() - expected.float()).abs().max()) > tolerance:
         return "the packed kernel's result differs from F.linear"
     return ""
+
+
+@functools.cache
+def bf16_kernel() -> cpu_kernels.Kernels | None:
+    """Our compiled kernels when their bf16 product builds here and matches `F.linear` on a tiny input, else None."""
+    kernel, _ = cpu_kernels.load()
+    if kernel is None:
+        return None
+    weight, x = torch.randn(8, 32).bfloat16(), torch.randn(3, 32)
+    expected = torch.nn.functional.linear(x, weight.float())
+    got = Bf16Linear(linear_from(weight), kernel)(x)
+    return kernel if float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max()) + 1e-6 else None
 
 
 def _cpu_kernels(dtype: torch.dtype) -> cpu_kernels.Kernels | None:
@@ -104,7 +126,12 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
     kernels = _cpu_kernels(dtype)
     factory: Callable[[nn.Linear], nn.Module] = PackedLinear
     kind = "oneDNN-packed"
-    if quantization == "int8":
+    if quantization == "none" and _packed_problem(dtype, quantization):
+        blocked = bf16_kernel()  # not None: kernels_available said so
+        assert blocked is not None
+        factory = functools.partial(Bf16Linear, kernel=blocked)
+        kind = f"bf16 blocked ({blocked.vector_bits}-bit kernel; oneDNN packs no bf16 on this CPU)"
+    elif quantization == "int8":
         factory = functools.partial(Int8Linear, kernel=kernels)
         kind = f"int8 per-channel ({f'blocked {kernels.vector_bits}-bit kernel' if kernels else 'torch kernel'})"
     mapped = _mapped_ranges()
@@ -114,7 +141,7 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
     if not tied or _in_ranges(head.weight, mapped):
         # A tied output projection shares the embedding matrix; packing it is free only when its pages can go back.
         thinker.lm_head = factory(head)
-        if tied and isinstance(thinker.lm_head, PackedLinear):
+        if tied and isinstance(thinker.lm_head, PackedLinear | Bf16Linear):
             thinker.lm_head.weight_bytes = 0  # Status counts the matrix once, as the embedding's parameter
         replaced.append(head)
     released = sum(_release(linear.weight) for linear in replaced if _in_ranges(linear.weight, mapped))

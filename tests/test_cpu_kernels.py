@@ -416,3 +416,105 @@ def test_without_a_home_folder_the_cache_is_the_temp_one(fresh_load: Path, monke
 
     monkeypatch.setattr(cpu_kernels.Path, "home", staticmethod(no_home))
     assert cpu_kernels._cache_dir().name == f"qwen-asr-worker-{os.getuid()}"
+
+
+# --- the blocked bf16 product ---------------------------------------------------------------------------------------
+
+# The decoder's products, (out, in), q/k/v and gate/up stacked, then the output projection: for the 0.6B model and
+# the 1.7B (dimensions from the published configurations, as antirez/qwen-asr's MODEL.md lists them).
+DECODER_SHAPES = {
+    "0.6B": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)],
+    "1.7B": [(4096, 2048), (2048, 2048), (12288, 2048), (2048, 6144), (151936, 2048)],
+}
+
+
+def _bf16_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) / k**0.5
+
+
+def _assert_bf16_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Within one rounding to the output's dtype of the exact product, plus float32 summation's error: K terms,
+    each below |x| |w|, so at most K * 2^-24 * sum(|x| |w|) (a loose bound; the sums here are of random signs)."""
+    ref = x.double() @ weight.double().T
+    magnitude = x.double().abs() @ weight.double().abs().T
+    unit = 2.0**-8 if got.dtype == torch.bfloat16 else 2.0**-24
+    summation = x.shape[1] * 2.0**-24 * magnitude
+    assert ((got.double() - ref).abs() <= unit * ref.abs() + summation).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 48, 49, 80])
+def test_bf16_products_match_a_float64_reference(kernels: cpu_kernels.Kernels, dtype: torch.dtype, rows: int) -> None:
+    """Both builds, 1-80 rows of input: the kernel up to MAX_KERNEL_ROWS, a float32 product over unpacked slices past
+    it; in bf16 or float32 activations."""
+    weight = _bf16_weight(40, 96, seed=rows)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got = kernels.bf16_matmul(x, kernels.block(weight))
+    assert got.dtype == dtype and got.shape == (rows, 40)
+    _assert_bf16_close(got, x, weight)
+
+
+@pytest.mark.parametrize("model", sorted(DECODER_SHAPES))
+def test_bf16_products_at_the_decoders_shapes(kernels: cpu_kernels.Kernels, model: str) -> None:
+    for n, k in DECODER_SHAPES[model]:
+        weight = _bf16_weight(n, k, seed=n + k)
+        blocked = kernels.block(weight)
+        for rows in (1, 3):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).float()
+            _assert_bf16_close(kernels.bf16_matmul(x, blocked), x, weight)
+
+
+def test_bf16_layout_round_trips(kernels: cpu_kernels.Kernels) -> None:
+    weight = _bf16_weight(24, 48, seed=2)
+    blocked = kernels.block(weight)
+    assert blocked.dtype == torch.bfloat16 and not torch.equal(blocked, weight)
+    assert torch.equal(kernels.unpack(blocked, 0, 24, torch.float32), weight.float())
+    assert torch.equal(kernels.unpack(blocked, 5, 11, torch.bfloat16), weight[5:16])
+
+
+def test_the_bf16_product_keeps_its_bits_across_threads_and_nan(kernels: cpu_kernels.Kernels) -> None:
+    weight = _bf16_weight(64, 128, seed=4)
+    blocked = kernels.block(weight)
+    x = torch.randn(3, 128)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.bf16_matmul(x, blocked)
+        torch.set_num_threads(2)
+        two = kernels.bf16_matmul(x, blocked)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    x[1, 5] = float("nan")
+    out = kernels.bf16_matmul(x.bfloat16(), blocked)
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+
+
+@needs_kernel
+def test_the_bf16_product_refuses_inputs_it_would_read_past() -> None:
+    assert KERNEL is not None
+    weight = _bf16_weight(8, 32, seed=1)
+    blocked, x = KERNEL.block(weight), torch.randn(2, 32)
+    for bad in ((x[:, :16], blocked), (x.to(torch.float16), blocked), (x, blocked.float()), (x.t(), blocked)):
+        with pytest.raises(ValueError, match="bf16 kernel inputs"):
+            KERNEL.bf16_matmul(*bad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_bf16_linear_layer_agrees_with_f_linear(dtype: torch.dtype) -> None:
+    """`Bf16Linear` in a model's place: 3-D input, a bias, a shape the layout does not take (row-major then)."""
+    assert KERNEL is not None
+    for n, k, bias in ((40, 96, True), (42, 96, False), (40, 90, True)):
+        linear = torch.nn.Linear(k, n, bias=bias)
+        with torch.no_grad():
+            linear.weight.copy_(_bf16_weight(n, k, seed=n).float())
+        layer = decode_linears.Bf16Linear(linear.to(dtype), KERNEL)
+        assert (layer.kernel is not None) is cpu_kernels.Kernels.fits(n, k)
+        x = torch.randn(2, 5, k).to(dtype)
+        reference_bias = linear.bias.double() if bias else None
+        expected = torch.nn.functional.linear(x.double(), linear.weight.double(), reference_bias)
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (2, 5, n)
+        tolerance = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * expected.abs().max().item()
+        assert (got.double() - expected).abs().max().item() <= tolerance

@@ -29,10 +29,13 @@ def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def packing_problem(dtype: torch.dtype) -> str:
-    """Why the fast path's packed linears cannot run on this CPU in `dtype` ("" when they can), as the load itself
-    decides it. oneDNN packs bf16 only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, so on an AVX2-only CPU bf16
-    loads take the stock path; a bf16 kernel for such CPUs makes this "" and switches the fast-path checks on."""
+    """Why the fast path's linears cannot run on this CPU in `dtype` ("" when they can), as the load itself decides
+    it. oneDNN packs bf16 only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere our blocked bf16 kernel stands
+    in, so only a CPU without AVX2 and FMA (or without a compiler) loads bf16 on the stock path."""
     return fast_decode.kernels_available(dtype, "none")
+
+
+FAST_LINEARS = (decode_linears.PackedLinear, decode_linears.Bf16Linear)
 
 
 def _needs_packing(dtype: torch.dtype) -> None:
@@ -86,7 +89,7 @@ def test_greedy_tokens_identical_to_the_stock_path(long_checkpoint: Path, dtype:
     fast = _load(long_checkpoint, dtype, fast=True)
     # Where the CPU cannot pack this dtype the load keeps the stock path (and says so: tested below), and says the
     # same; where it can, the packed path must say the same.
-    packed = any(isinstance(m, decode_linears.PackedLinear) for m in fast.model.modules())
+    packed = any(isinstance(m, FAST_LINEARS) for m in fast.model.modules())
     assert packed is not bool(packing_problem(dtype))
     fast_texts, fast_ids = _generate(fast, clips, contexts)
     assert stock_texts == fast_texts == [LONG, LONG]
@@ -127,20 +130,52 @@ def test_int8_says_the_same_and_halves_the_decoder(long_checkpoint: Path) -> Non
     assert layer.weight_int8.dtype == torch.int8 and layer.scale.shape == (layer.out_features,)
 
 
-def test_missing_kernels_fall_back_to_the_stock_path(
-    long_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def _without_onednn_packing(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(*args: object) -> None:
         raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+
+
+def test_missing_kernels_fall_back_to_the_stock_path(
+    long_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No oneDNN packing and no compiled kernels (no compiler, or no AVX2): the stock path, with one warning."""
+    _without_onednn_packing(monkeypatch)
+    monkeypatch.setattr(fast_decode, "bf16_kernel", lambda: None)
     with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
         model = _load(long_checkpoint, torch.bfloat16, fast=True)
     warnings = [r.getMessage() for r in caplog.records if "fast CPU decode unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "_reorder_linear_weight" in warnings[0]
-    assert not any(isinstance(m, decode_linears.PackedLinear) for m in model.model.modules())
+    assert not any(isinstance(m, FAST_LINEARS) for m in model.model.modules())
     assert isinstance(model.model.thinker.lm_head, nn.Linear)
     assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
+
+
+@pytest.mark.skipif(cpu_kernels.load()[0] is None, reason=f"no compiled kernels here: {cpu_kernels.load()[1]}")
+def test_without_onednn_packing_bf16_takes_our_blocked_kernel(
+    long_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where oneDNN packs no bf16 (an AVX2-only CPU, here forced on any CPU), the decoder's linears and the output
+    projection hold their bf16 weights in our blocked layout, and greedy tokens stay the stock path's."""
+    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
+    contexts = ["", "a much longer context that pads the other prompt"]
+    stock_texts, stock_ids = _generate(_load(long_checkpoint, torch.bfloat16, fast=False), clips, contexts)
+    _without_onednn_packing(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
+        model = _load(long_checkpoint, torch.bfloat16, fast=True)
+    assert not [r for r in caplog.records if "fast CPU decode unavailable" in r.getMessage()]
+    assert any("bf16 blocked" in r.getMessage() and "one-step decoder layers" in r.getMessage() for r in caplog.records)
+    linears = [m for m in model.model.thinker.modules() if isinstance(m, decode_linears.Bf16Linear)]
+    assert linears and isinstance(model.model.thinker.lm_head, decode_linears.Bf16Linear)
+    assert all(m.weight_bf16.dtype == torch.bfloat16 for m in linears)
+    # Every shape the blocked layout takes runs on the kernel (the tiny vocabulary's output projection does not).
+    fitting = [m for m in linears if cpu_kernels.Kernels.fits(m.out_features, m.in_features)]
+    assert len(fitting) >= 4 and all(m.kernel is not None for m in fitting)
+    assert not any(isinstance(m, decode_linears.PackedLinear) for m in model.model.modules())
+    texts, ids = _generate(model, clips, contexts)
+    assert texts == stock_texts == [LONG, LONG]
+    assert torch.equal(ids, stock_ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -154,7 +189,7 @@ def test_a_dtype_the_cpu_cannot_pack_keeps_the_stock_path_and_says_why(
     with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
         model = _load(long_checkpoint, dtype, fast=True)
     warnings = [r.getMessage() for r in caplog.records if "fast CPU decode unavailable" in r.getMessage()]
-    packed = any(isinstance(m, decode_linears.PackedLinear) for m in model.model.modules())
+    packed = any(isinstance(m, FAST_LINEARS) for m in model.model.modules())
     if problem:
         assert len(warnings) == 1 and problem in warnings[0] and not packed
     else:
@@ -308,7 +343,10 @@ def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weig
     # within rounding, while the random layers moved the logits far more than that from the scripted model's.
     _, scripted_logits = _generate(_load(long_checkpoint, dtype, fast=False, tokens=40), clips, contexts, logits=True)
     tolerance = unit * stock_logits.abs().max().item()
-    if ops == "torch":
+    # oneDNN's packed products are F.linear's to the bit; our blocked bf16 kernel's (where oneDNN packs no bf16)
+    # sum in their own order, so against transformers' layers they too agree only until a near tie.
+    exact_linears = not any(isinstance(m, decode_linears.Bf16Linear) for m in fused.model.modules())
+    if ops == "torch" and exact_linears:
         assert texts == stock_texts
         assert (logits - stock_logits).abs().max().item() <= tolerance
     else:
