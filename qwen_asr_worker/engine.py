@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import models, runtime
+from . import fast_decode, models, runtime
 from .errors import ModelIdentityMismatch, NotReady, Unsupported
 from .live import LiveConfig, LiveSession
 from .loaded_model import LoadedModel, LoadSpec
@@ -104,6 +104,15 @@ class Engine:
         opts = spec.options
         device = runtime.pick_device(opts.device, spec.cuda)
         dtype, why = runtime.pick_dtype(opts.torch_dtype, device)
+        bf16_weights = (
+            opts.torch_dtype == "auto"
+            and device == "cpu"
+            and dtype == torch.float32
+            and (opts.fast_decode or opts.quantization != "none")
+            and fast_decode.bf16_weights_pay()
+        )
+        if bf16_weights:
+            why += "; weights stay bf16 (our AVX2 kernel multiplies them: oneDNN packs no bf16 on this CPU)"
         log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
         if spec.threads > 0:
             threads = min(spec.threads, runtime.usable_cpus())
@@ -119,6 +128,7 @@ class Engine:
             max_new_tokens=opts.max_new_tokens,
             fast_decode=opts.fast_decode,
             quantization=opts.quantization,
+            bf16_weights=bf16_weights,
         )
         model = LoadedModel(spec, asr, device, dtype)
         if opts.preload_aligner and opts.timestamps_enabled:

@@ -99,19 +99,105 @@ def _cpu_kernels(dtype: torch.dtype) -> cpu_kernels.Kernels | None:
     return kernel
 
 
-def accelerate_decoder(model: nn.Module, *, device: str, dtype: torch.dtype, quantization: str = "none") -> str:
+def bf16_weights_pay() -> bool:
+    """Whether, on this CPU, bf16 weights with float32 compute (`accelerate_decoder(compute=torch.float32)`) is
+    the way to run `torch_dtype:auto`: oneDNN packs no bf16 here (no AVX-512, no AVX-NE-CONVERT), so torch's bf16
+    operators are slow, while our blocked bf16 kernel builds and agrees (AVX2 and FMA)."""
+    return bool(_packed_problem(torch.bfloat16, "none")) and bf16_kernel() is not None
+
+
+def accelerate_decoder(
+    model: nn.Module,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    quantization: str = "none",
+    compute: torch.dtype | None = None,
+) -> str:
     """Apply the fast decode path to a loaded `Qwen3ASRForConditionalGeneration` in place; return what was done.
 
     On CPU: packed (or int8) decoder linears, the in-place key/value cache and single-query attention. On every
     device: prefill logits for the last position only. If the operators are missing or wrong (checked on a tiny
     input first), the stock path stays and the reason is returned and logged; an error while converting after that
     check propagates, and LoadModel reports it.
+
+    `compute=torch.float32` on a model loaded in bf16 (where `bf16_weights_pay()`): every linear layer of the
+    decoder, the output projection and the audio encoder keeps its bf16 weight in our blocked layout (int8 with
+    `quantization:int8`), the embedding table stays bf16, and everything else, the activations and the key/value
+    cache run in float32: bf16's memory and bytes per token, float32's speed on a CPU without native bf16.
     """
     thinker = model.thinker
     try:
+        if compute is not None and compute != dtype:
+            return _accelerate_bf16_weights(thinker, device, dtype, compute, quantization)
         return _accelerate(thinker, device, dtype, quantization)
     finally:  # on whatever output projection is in place by then
         thinker.lm_head.register_forward_pre_hook(_last_position)
+
+
+def _accelerate_bf16_weights(
+    thinker: nn.Module, device: str, dtype: torch.dtype, compute: torch.dtype, quantization: str
+) -> str:
+    blocked = bf16_kernel() if device == "cpu" else None
+    if dtype != torch.bfloat16 or compute != torch.float32 or blocked is None:
+        raise ValueError(
+            f"bf16 weights with {compute} compute need a CPU model loaded in bf16 and our bf16 kernel "
+            f"(device {device}, dtype {dtype}, kernel {'built' if blocked else 'unavailable'})"
+        )
+    kernels = _cpu_kernels(compute)
+    factory: Callable[[nn.Linear], nn.Module] = functools.partial(Bf16Linear, kernel=blocked)
+    kind = f"bf16 blocked ({blocked.vector_bits}-bit kernel)"
+    if quantization == "int8":
+        factory = functools.partial(Int8Linear, kernel=kernels)
+        kind = f"int8 per-channel ({f'blocked {kernels.vector_bits}-bit kernel' if kernels else 'torch kernel'})"
+    mapped = _mapped_ranges()
+    replaced = replace_linears(thinker.model, factory)
+    head = thinker.lm_head
+    tied = head.weight is thinker.model.embed_tokens.weight
+    thinker.lm_head = factory(head)  # always: a tied nn.Linear would take the bf16 embedding to float32 below
+    if tied and isinstance(thinker.lm_head, Bf16Linear) and _in_ranges(head.weight, mapped):
+        thinker.lm_head.weight_bytes = 0  # Status counts the matrix once, as the embedding's parameter
+    replaced.append(head)
+    encoder = replace_linears(thinker.audio_tower, functools.partial(Bf16Linear, kernel=blocked))
+    released = sum(_release(linear.weight) for linear in [*replaced, *encoder] if _in_ranges(linear.weight, mapped))
+    del replaced, encoder
+    released += _compute_in_float32(thinker, mapped)
+    runtime.trim_heap()
+    attention = "in-place key/value cache, single-query attention"
+    if decode_step.install_decode_attention(thinker):
+        decode_step.install_growing_cache(thinker)
+        if decode_step.install_decode_layers(thinker, kernels):
+            attention += f", one-step decoder layers ({'C' if kernels else 'torch'} operators)"
+    else:
+        attention = f"{thinker.model.config._attn_implementation} attention and cache as they were"
+    return (
+        f"fast CPU decode, float32 compute on bf16 weights: {kind} decoder linears and output projection, bf16 "
+        f"blocked audio encoder linears, bf16 embedding table ({released / 2**20:.0f} MiB of mapped checkpoint pages "
+        f"returned), {attention}, last-position prefill logits"
+    )
+
+
+def _compute_in_float32(thinker: nn.Module, mapped: list[tuple[int, int]]) -> int:
+    """Every parameter and buffer left in bf16 (norms, convolutions, biases, rotary tables) to float32, except the
+    embedding table, which stays bf16 and hands its rows on as float32 (a lookup reads a few rows; a float32 copy
+    would hold 0.6 GB). The mapped checkpoint pages of what was converted go back. Returns the bytes released."""
+    text = thinker.model
+    embedding = text.embed_tokens
+    old = [t for t in [*thinker.parameters(), *thinker.buffers()] if _in_ranges(t, mapped)]
+    old = [t.detach() for t in old if t is not embedding.weight and t.dtype == torch.bfloat16]
+    del text._modules["embed_tokens"]
+    try:
+        thinker.float()
+    finally:
+        text._modules["embed_tokens"] = embedding
+    embedding.register_forward_hook(_to_float32)
+    released = sum(_release(tensor) for tensor in old)
+    del old
+    return released
+
+
+def _to_float32(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    return output.float()
 
 
 def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantization: str) -> str:

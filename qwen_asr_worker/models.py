@@ -141,11 +141,14 @@ def load_asr(
     max_new_tokens: int,
     fast_decode: bool = True,
     quantization: str = "none",
+    bf16_weights: bool = False,
 ) -> Qwen3ASRModel:
     """Load the base Qwen3-ASR model only (no aligner), logging how long it took.
 
     With `fast_decode` (or `quantization:int8`), the decoder is switched to the fast CPU path (`fast_decode`),
-    which on other devices only trims the prefill logits; without, qwen-asr's stock path runs as is.
+    which on other devices only trims the prefill logits; without, qwen-asr's stock path runs as is. With
+    `bf16_weights` (a CPU where `fast_decode.bf16_weights_pay()`), the checkpoint loads in bf16 and the fast path
+    keeps the linear weights so while computing in `dtype` (float32).
     """
     if quantization != "none" and device != "cpu":
         raise InvalidRequest(
@@ -163,18 +166,22 @@ def load_asr(
             max_inference_batch_size=max_inference_batch_size,
             max_new_tokens=max_new_tokens,
             attn_implementation=attn_implementation,
-            **_placement(device, dtype),
+            **_placement(device, torch.bfloat16 if bf16_weights else dtype),
         )
     model.model.eval()
     _set_pad_token(model.model)
     decode = "stock decode (fast_decode:off)"
-    if fast_decode or quantization != "none":
+    if bf16_weights:
+        decode = fast_decode_path.accelerate_decoder(
+            model.model, device=device, dtype=torch.bfloat16, quantization=quantization, compute=dtype
+        )
+    elif fast_decode or quantization != "none":
         decode = fast_decode_path.accelerate_decoder(model.model, device=device, dtype=dtype, quantization=quantization)
     log.info(
         "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB); %s",
         path,
         device,
-        str(dtype).removeprefix("torch."),
+        f"{str(dtype).removeprefix('torch.')} on bf16 weights" if bf16_weights else str(dtype).removeprefix("torch."),
         time.perf_counter() - started,
         runtime.module_bytes(model.model) / 2**30,
         runtime.rss_bytes() / 2**30,

@@ -396,3 +396,74 @@ def test_status_counts_packed_weights(harness: Harness, checkpoints: dict[str, P
         assert harness.transcribe(audio["wav"]).text == SENTENCE
         sizes[fast] = harness.status().memory.breakdown["base_model_weights"]
     assert sizes["on"] == sizes["off"] > 0
+
+
+# --- bf16 weights, float32 compute (torch_dtype:auto where oneDNN packs no bf16) -------------------------------------
+
+needs_bf16_kernel = pytest.mark.skipif(
+    fast_decode.bf16_kernel() is None, reason=f"our bf16 kernel does not build here: {cpu_kernels.load()[1]}"
+)
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_bf16_weights_with_float32_compute_say_the_same(long_checkpoint: Path, quantization: str) -> None:
+    """Every linear weight stays bf16 (blocked; int8 in the decoder with quantization:int8), the embedding table
+    bf16, everything else float32: the stock path's greedy tokens, in bf16 and in float32."""
+    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
+    contexts = ["", "a much longer context that pads the other prompt"]
+    model = models.load_asr(
+        str(long_checkpoint),
+        device="cpu",
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+        max_inference_batch_size=8,
+        max_new_tokens=300,
+        quantization=quantization,
+        bf16_weights=True,
+    )
+    thinker = model.model.thinker
+    assert model.model.dtype == torch.float32
+    decoder_kind = decode_linears.Int8Linear if quantization == "int8" else decode_linears.Bf16Linear
+    assert any(isinstance(m, decoder_kind) for m in thinker.model.modules())
+    encoder = [m for m in thinker.audio_tower.modules() if isinstance(m, decode_linears.Bf16Linear)]
+    assert encoder and all(m.weight_bf16.dtype == torch.bfloat16 for m in encoder)
+    assert not any(isinstance(m, nn.Linear) for m in [*thinker.audio_tower.modules(), *thinker.model.modules()])
+    assert thinker.model.embed_tokens.weight.dtype == torch.bfloat16
+    floating = [t for t in [*thinker.parameters(), *thinker.buffers()] if t.is_floating_point()]
+    assert {t.dtype for t in floating if t is not thinker.model.embed_tokens.weight} == {torch.float32}
+    texts, ids = _generate(model, clips, contexts)
+    for stock_dtype in (torch.bfloat16, torch.float32):
+        stock_texts, stock_ids = _generate(_load(long_checkpoint, stock_dtype, fast=False), clips, contexts)
+        assert texts == stock_texts == [LONG, LONG]
+        assert torch.equal(ids, stock_ids)
+
+
+@needs_bf16_kernel
+def test_auto_takes_bf16_weights_where_they_pay(
+    harness: Harness,
+    checkpoints: dict[str, Path],
+    audio: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where `bf16_weights_pay()` (a CPU without fast bf16, here said so on any CPU) `torch_dtype:auto` computes in
+    float32 on bf16 weights and says so; `torch_dtype:fp32` stays plain float32; Status counts bf16 bytes."""
+    from qwen_asr_worker import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(fast_decode, "bf16_weights_pay", lambda: True)
+    sizes = {}
+    for dtype in ("auto", "fp32"):
+        with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
+            assert harness.load(checkpoints["asr"], f"torch_dtype:{dtype}").success
+        assert harness.transcribe(audio["wav"]).text == SENTENCE
+        model = harness.engine.current
+        assert model is not None and model.dtype == torch.float32
+        assert model.asr is not None
+        encoder = model.asr.model.thinker.audio_tower
+        sizes[dtype] = harness.status().memory.breakdown["base_model_weights"]
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded Qwen3-ASR")]
+        assert ("as float32 on bf16 weights" in lines[-1]) is (dtype == "auto")
+        assert any(isinstance(m, decode_linears.Bf16Linear) for m in encoder.modules()) is (dtype == "auto")
+    assert 0 < sizes["auto"] < 0.75 * sizes["fp32"]

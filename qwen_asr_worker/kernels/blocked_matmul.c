@@ -226,13 +226,22 @@ void qa_blocked_unpack(const void *w, int w_bf16, int bf16, void *out, int64_t K
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         int64_t n = row0 + r, first = (n / ROWS) * ROWS * K + (n % ROWS) * CHUNK;
+        /* One loop per case, each simple enough to vectorize (a float32 copy of a prompt's weights is on the
+         * prompt's critical path). */
         for (int64_t k = 0; k < K; k += CHUNK, first += ROWS * CHUNK) {
-            for (int i = 0; i < CHUNK; i++) {
-                float v = w_bf16 ? bf16_to_f32(((const uint16_t *)w)[first + i]) : (float)((const int8_t *)w)[first + i];
-                if (bf16)
-                    ((uint16_t *)out)[r * K + k + i] = w_bf16 ? ((const uint16_t *)w)[first + i] : f32_to_bf16(v);
-                else
-                    ((float *)out)[r * K + k + i] = v;
+            if (w_bf16 && bf16) {
+                memcpy((uint16_t *)out + r * K + k, (const uint16_t *)w + first, CHUNK * sizeof(uint16_t));
+            } else if (w_bf16) {
+                const uint16_t *src = (const uint16_t *)w + first;
+                uint32_t *dst = (uint32_t *)out + r * K + k; /* float32 bits: bfloat16's, shifted up */
+                for (int i = 0; i < CHUNK; i++) dst[i] = (uint32_t)src[i] << 16;
+            } else if (bf16) {
+                const int8_t *src = (const int8_t *)w + first;
+                for (int i = 0; i < CHUNK; i++) ((uint16_t *)out)[r * K + k + i] = f32_to_bf16((float)src[i]);
+            } else {
+                const int8_t *src = (const int8_t *)w + first;
+                float *dst = (float *)out + r * K + k;
+                for (int i = 0; i < CHUNK; i++) dst[i] = (float)src[i];
             }
         }
     }
