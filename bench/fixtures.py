@@ -252,6 +252,25 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+EMULATED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "QWEN_ASR_KERNEL_MARCH": "haswell"}
+
+
+def cpu_class(flags: set[str]) -> str:
+    """The CPU's class as the decode path sees it, e.g. `AVX-512 BF16`, `AVX2+FMA`; an emulated AVX2 run (oneDNN
+    and ATen capped at AVX2, our kernels built for Haswell: `--emulate-avx2`) says so and what the hardware is."""
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        hardware = "AVX-512 BF16"
+    elif {"avx512bw", "avx512vl", "avx512dq"} <= flags:
+        hardware = "AVX-512"
+    elif {"avx2", "fma"} <= flags:
+        hardware = "AVX2+FMA"
+    else:
+        hardware = "no AVX2"
+    if all(os.environ.get(key) == value for key, value in EMULATED_AVX2.items()):
+        return f"AVX2+FMA, emulated on {hardware} hardware (oneDNN and ATen capped at AVX2, our kernels for Haswell)"
+    return hardware
+
+
 def machine_info() -> dict[str, Any]:
     """Facts for the report's header line (imports torch)."""
     import torch
@@ -264,8 +283,12 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+        "cpu_class": cpu_class(flags),
         "cuda_available": torch.cuda.is_available(),
     }
+    from qwen_asr_worker import models
+
+    info["auto_bf16_weights"] = models.bf16_weights_for("auto", "cpu", True)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

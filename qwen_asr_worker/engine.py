@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fast_decode, models, runtime
+from . import models, runtime
 from .errors import ModelIdentityMismatch, NotReady, Unsupported
 from .live import LiveConfig, LiveSession
 from .loaded_model import LoadedModel, LoadSpec
@@ -104,15 +104,11 @@ class Engine:
         opts = spec.options
         device = runtime.pick_device(opts.device, spec.cuda)
         dtype, why = runtime.pick_dtype(opts.torch_dtype, device)
-        bf16_weights = (
-            opts.torch_dtype == "auto"
-            and device == "cpu"
-            and dtype == torch.float32
-            and (opts.fast_decode or opts.quantization != "none")
-            and fast_decode.bf16_weights_pay()
-        )
+        accelerated = opts.fast_decode or opts.quantization != "none"
+        bf16_weights = models.bf16_weights_for(opts.torch_dtype, device, accelerated)
         if bf16_weights:
-            why += "; weights stay bf16 (our AVX2 kernel multiplies them: oneDNN packs no bf16 on this CPU)"
+            dtype = torch.float32
+            why = "auto: float32 compute on bf16 weights (oneDNN packs no bf16 on this CPU; our kernel multiplies them)"
         log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
         if spec.threads > 0:
             threads = min(spec.threads, runtime.usable_cpus())

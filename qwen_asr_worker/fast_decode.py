@@ -7,7 +7,8 @@ Profiling one decode step showed where; `accelerate_decoder` applies each remedy
 * **Linear layers** (`decode_linears`): packed for oneDNN (or, for bf16 where oneDNN packs none, our blocked bf16
   kernel), or int8, q/k/v and gate/up stacked. The originals are
   released, and where they were memory-mapped from the checkpoint their pages are handed back too (here), so
-  memory does not double. The audio encoder, which runs once per window on many frames, keeps its stock layers.
+  memory does not double. The audio encoder, which runs once per window on many frames, keeps its stock layers,
+  except where bf16 weights compute in float32 (`bf16_weights_pay()`): there its linears are bf16-blocked too.
 * **The decode step** (`decode_step`): a key/value cache that grows in place, attention for a single query without
   copying the cache, and each decoder layer's one-token step as one function (with our compiled operators between
   its products where `cpu_kernels` builds).
@@ -148,8 +149,7 @@ def _accelerate_bf16_weights(
     factory: Callable[[nn.Linear], nn.Module] = functools.partial(Bf16Linear, kernel=blocked)
     kind = f"bf16 blocked ({blocked.vector_bits}-bit kernel)"
     if quantization == "int8":
-        factory = functools.partial(Int8Linear, kernel=kernels)
-        kind = f"int8 per-channel ({f'blocked {kernels.vector_bits}-bit kernel' if kernels else 'torch kernel'})"
+        factory, kind = _int8_linears(kernels)
     mapped = _mapped_ranges()
     replaced = replace_linears(thinker.model, factory)
     head = thinker.lm_head
@@ -163,13 +163,7 @@ def _accelerate_bf16_weights(
     del replaced, encoder
     released += _compute_in_float32(thinker, mapped)
     runtime.trim_heap()
-    attention = "in-place key/value cache, single-query attention"
-    if decode_step.install_decode_attention(thinker):
-        decode_step.install_growing_cache(thinker)
-        if decode_step.install_decode_layers(thinker, kernels):
-            attention += f", one-step decoder layers ({'C' if kernels else 'torch'} operators)"
-    else:
-        attention = f"{thinker.model.config._attn_implementation} attention and cache as they were"
+    attention = _install_decode_step(thinker, kernels)
     return (
         f"fast CPU decode, float32 compute on bf16 weights: {kind} decoder linears and output projection, bf16 "
         f"blocked audio encoder linears, bf16 embedding table ({released / 2**20:.0f} MiB of mapped checkpoint pages "
@@ -218,8 +212,7 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
         factory = functools.partial(Bf16Linear, kernel=blocked)
         kind = f"bf16 blocked ({blocked.vector_bits}-bit kernel; oneDNN packs no bf16 on this CPU)"
     elif quantization == "int8":
-        factory = functools.partial(Int8Linear, kernel=kernels)
-        kind = f"int8 per-channel ({f'blocked {kernels.vector_bits}-bit kernel' if kernels else 'torch kernel'})"
+        factory, kind = _int8_linears(kernels)
     mapped = _mapped_ranges()
     replaced = replace_linears(thinker.model, factory)
     head = thinker.lm_head
@@ -233,17 +226,28 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
     released = sum(_release(linear.weight) for linear in replaced if _in_ranges(linear.weight, mapped))
     del replaced
     runtime.trim_heap()  # the stacked copies made while packing
-    attention = "in-place key/value cache, single-query attention"
-    if decode_step.install_decode_attention(thinker):
-        decode_step.install_growing_cache(thinker)  # its buffers are for our attention, which reads their views
-        if decode_step.install_decode_layers(thinker, kernels):
-            attention += f", one-step decoder layers ({'C' if kernels else 'torch'} operators)"
-    else:
-        attention = f"{thinker.model.config._attn_implementation} attention and cache as they were"
+    attention = _install_decode_step(thinker, kernels)
     return (
         f"fast CPU decode: {kind} decoder linears ({released / 2**20:.0f} MiB of mapped checkpoint pages returned), "
         f"{attention}, last-position prefill logits"
     )
+
+
+def _int8_linears(kernels: cpu_kernels.Kernels | None) -> tuple[Callable[[nn.Linear], nn.Module], str]:
+    """The int8 linear factory (our blocked kernel, else torch's) and how the load line names it."""
+    how = f"blocked {kernels.vector_bits}-bit kernel" if kernels else "torch kernel"
+    return functools.partial(Int8Linear, kernel=kernels), f"int8 per-channel ({how})"
+
+
+def _install_decode_step(thinker: nn.Module, kernels: cpu_kernels.Kernels | None) -> str:
+    """The in-place cache, single-query attention and one-step layers where the decoder takes them; says what."""
+    if not decode_step.install_decode_attention(thinker):
+        return f"{thinker.model.config._attn_implementation} attention and cache as they were"
+    decode_step.install_growing_cache(thinker)  # its buffers are for our attention, which reads their views
+    attention = "in-place key/value cache, single-query attention"
+    if decode_step.install_decode_layers(thinker, kernels):
+        attention += f", one-step decoder layers ({'C' if kernels else 'torch'} operators)"
+    return attention
 
 
 def _last_position(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

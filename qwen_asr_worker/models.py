@@ -131,6 +131,12 @@ def _placement(device: str, dtype: torch.dtype) -> dict[str, Any]:
     return kwargs
 
 
+def bf16_weights_for(torch_dtype: str, device: str, accelerated: bool) -> bool:
+    """Whether a load computes in float32 on bf16 weights: `torch_dtype:auto` on a CPU where oneDNN packs no bf16
+    but our bf16 kernel runs (`fast_decode.bf16_weights_pay()`), with the fast path (or int8) on."""
+    return torch_dtype == "auto" and device == "cpu" and accelerated and fast_decode_path.bf16_weights_pay()
+
+
 def load_asr(
     path: str,
     *,

@@ -147,6 +147,7 @@ def test_the_build_is_cached_per_machine(fresh_load: Path, monkeypatch: pytest.M
         return run(args, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(cpu_kernels.subprocess, "run", counting)
+    monkeypatch.delenv("QWEN_ASR_KERNEL_MARCH", raising=False)
     first, why = cpu_kernels.load()
     assert first is not None, why
     cpu_kernels.load.cache_clear()
@@ -154,6 +155,12 @@ def test_the_build_is_cached_per_machine(fresh_load: Path, monkeypatch: pytest.M
     assert second is not None and second.path == first.path and first.path.parent == fresh_load
     assert len(compiles) == len(cpu_kernels.SOURCES) + 1  # each source, then the link: once
     assert all("-march=native" in step for step in compiles[:-1])
+    # QWEN_ASR_KERNEL_MARCH builds for another CPU: the AVX2 code, here on any x86-64 machine.
+    monkeypatch.setenv("QWEN_ASR_KERNEL_MARCH", "haswell")
+    cpu_kernels.load.cache_clear()
+    avx2, why = cpu_kernels.load()
+    assert avx2 is not None and avx2.vector_bits == 256 and avx2.path != first.path, why
+    assert all("-march=haswell" in step for step in compiles[len(cpu_kernels.SOURCES) + 1 : -1])
 
 
 @needs_kernel
