@@ -62,10 +62,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The fast-decode tests first as on a CPU without AVX-512 (oneDNN capped at AVX2: it then refuses to pack bf16),
-# so a machine with AVX-512 checks that behaviour too; then the whole suite on the CPU as it is.
+# The fast-decode tests first as on a CPU without AVX-512 (oneDNN and ATen capped at AVX2, so oneDNN refuses to pack
+# bf16; our kernels built for Haswell), so a machine with AVX-512 checks that path too; then the whole suite on the
+# CPU as it is.
 test: install lint
-	ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -p no:cacheprovider tests/test_fast_decode.py
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 QWEN_ASR_KERNEL_MARCH=haswell \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_fast_decode.py
 	$(PY) -m pytest tests test.py
 
 bench-quick: install

@@ -921,7 +921,9 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
     return paths
 
 
-def plan(config: Config, paths: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
+def plan(
+    config: Config, paths: dict[str, str], *, auto_bf16_weights: bool = False
+) -> list[tuple[str, str, dict[str, Any]]]:
     """The scenarios to run, in order: (key, scenario, params)."""
     common = {
         "asr": paths["asr"],
@@ -1013,7 +1015,7 @@ def plan(config: Config, paths: dict[str, str]) -> list[tuple[str, str, dict[str
         for mode in ("stock", "fast") if cuda else ("stock", "fast", "int8"):
             reps = 2 if config.quick else 3
             steps.append((f"decode_{mode}", "decode", {**decode_common, "mode": mode, "reps": reps}))
-    if config.wants(16) and not cuda:
+    if config.wants(16) and not cuda and auto_bf16_weights:
         reps = 2 if config.quick else 3
         for key, mode, dtype in (("decode_auto", "fast", "auto"), ("decode_auto_int8", "int8", "auto")):
             steps.append((key, "decode", {**decode_common, "mode": mode, "dtype": dtype, "reps": reps}))
@@ -1107,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
     info = runner.run("machine", "machine", {})
     paths = prepare(runner, config)
     failures: list[str] = []
-    for key, scenario, params in plan(config, paths):
+    for key, scenario, params in plan(config, paths, auto_bf16_weights=bool(info.get("auto_bf16_weights"))):
         try:
             runner.run(key, scenario, params)
         except RuntimeError as exc:

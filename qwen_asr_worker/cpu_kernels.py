@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("blocked_matmul.c", "decode_ops.c"))
 ROWS, CHUNK = 4, 16  # the blocked layout's shape; must match the source
 MAX_KERNEL_ROWS = 48  # rows of x up to which the kernel beats unpacking the weights for a general product (measured)
-_UNPACK_ROWS = 16384  # output rows unpacked at a time for a general product (32 MiB in bf16 for K = 1024)
+_UNPACK_ROWS = 16384  # output rows unpacked at a time for a general product (64 MiB in float32 for K = 1024)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class Kernels:
             or x.shape[1] != blocked.shape[1]
             or blocked.dtype != torch.int8
             or not blocked.is_contiguous()
+            or not self.fits(*blocked.shape)
             or scale.dtype != torch.float32
             or not scale.is_contiguous()
             or scale.numel() != n
@@ -107,11 +108,12 @@ class Kernels:
             or x.shape[1] != blocked.shape[1]
             or blocked.dtype != torch.bfloat16
             or not blocked.is_contiguous()
+            or not self.fits(*blocked.shape)
         ):
             raise ValueError(
                 f"bf16 kernel inputs: x {x.dtype} {tuple(x.shape)}, weight {blocked.dtype} {tuple(blocked.shape)}: "
-                "need a contiguous bf16/fp32 x with the weight's width and a contiguous bf16 weight (was the model "
-                "converted after loading?)"
+                "need a contiguous bf16/fp32 x with the weight's width and a contiguous bf16 weight whose shape the "
+                "blocked layout takes (was the model converted after loading?)"
             )
         rows, n = x.shape[0], blocked.shape[0]
         if rows > MAX_KERNEL_ROWS:

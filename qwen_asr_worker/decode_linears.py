@@ -92,7 +92,8 @@ class Bf16Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().to(torch.bfloat16)
         self.kernel = kernel if kernel.fits(*weight.shape) else None
-        self.weight_bf16 = kernel.block(weight) if self.kernel is not None else weight.contiguous()
+        # A copy either way: the original's mapped checkpoint pages are handed back once it is replaced.
+        self.weight_bf16 = kernel.block(weight) if self.kernel is not None else weight.clone()
         self.bias = linear.bias
         self.weight_bytes = weight.numel() * 2
 

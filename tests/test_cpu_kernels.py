@@ -409,6 +409,7 @@ def test_the_int8_product_refuses_inputs_it_would_read_past() -> None:
         (x[:, :16], blocked, scale),
         (x.to(torch.float16), blocked, scale),
         (x, blocked, scale[:4]),
+        (torch.randn(2, 24).to(torch.bfloat16), torch.zeros(8, 24, dtype=torch.int8), scale),  # not blockable
     ):
         with pytest.raises(ValueError, match="int8 kernel inputs"):
             KERNEL.int8_matmul(*bad)
@@ -502,7 +503,8 @@ def test_the_bf16_product_refuses_inputs_it_would_read_past() -> None:
     assert KERNEL is not None
     weight = _bf16_weight(8, 32, seed=1)
     blocked, x = KERNEL.block(weight), torch.randn(2, 32)
-    for bad in ((x[:, :16], blocked), (x.to(torch.float16), blocked), (x, blocked.float()), (x.t(), blocked)):
+    odd = (torch.randn(2, 24), torch.zeros(8, 24, dtype=torch.bfloat16))  # a width the blocked layout does not take
+    for bad in ((x[:, :16], blocked), (x.to(torch.float16), blocked), (x, blocked.float()), (x.t(), blocked), odd):
         with pytest.raises(ValueError, match="bf16 kernel inputs"):
             KERNEL.bf16_matmul(*bad)
 

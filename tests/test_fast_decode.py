@@ -41,7 +41,8 @@ FAST_LINEARS = (decode_linears.PackedLinear, decode_linears.Bf16Linear)
 def _needs_packing(dtype: torch.dtype) -> None:
     problem = packing_problem(dtype)
     if problem:
-        pytest.skip(f"the fast path's {dtype} linears need an instruction set this CPU lacks ({problem})")
+        kernels = cpu_kernels.load()[1] or "built, but not for this dtype"
+        pytest.skip(f"neither oneDNN nor our kernels multiply {dtype} here (oneDNN: {problem}; our kernels: {kernels})")
 
 
 def _load(
@@ -179,21 +180,23 @@ def test_without_onednn_packing_bf16_takes_our_blocked_kernel(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_dtype_the_cpu_cannot_pack_keeps_the_stock_path_and_says_why(
+def test_each_cpu_gets_the_linears_it_can_run_and_says_why(
     long_checkpoint: Path, dtype: torch.dtype, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On a CPU whose oneDNN cannot pack `dtype` (bf16 without AVX-512 or AVX-NE-CONVERT) the load falls back
-    with one warning that names oneDNN's reason, and transcribes as the stock path does; elsewhere no such
-    warning. (On every CPU the fallback itself is also forced in the test above.)"""
-    problem = packing_problem(dtype)
+    """oneDNN's packed linears where it packs `dtype`; for bf16 where it does not (no AVX-512, no AVX-NE-CONVERT:
+    the `make test` pass with oneDNN capped at AVX2 takes this branch), our blocked bf16 kernel; where neither runs,
+    the stock path with one warning naming oneDNN's reason. Each CPU asserts its own branch, and transcribes."""
+    onednn = fast_decode._packed_problem(dtype, "none")
     with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
         model = _load(long_checkpoint, dtype, fast=True)
     warnings = [r.getMessage() for r in caplog.records if "fast CPU decode unavailable" in r.getMessage()]
-    packed = any(isinstance(m, FAST_LINEARS) for m in model.model.modules())
-    if problem:
-        assert len(warnings) == 1 and problem in warnings[0] and not packed
+    kinds = {type(m) for m in model.model.modules()} & set(FAST_LINEARS)
+    if not onednn:
+        assert kinds == {decode_linears.PackedLinear} and not warnings
+    elif not packing_problem(dtype):
+        assert dtype == torch.bfloat16 and kinds == {decode_linears.Bf16Linear} and not warnings
     else:
-        assert not warnings and packed
+        assert not kinds and len(warnings) == 1 and onednn in warnings[0]
     assert _generate(model, [speech_like(2.0, seed=4)], [""])[0] == [LONG]
 
 

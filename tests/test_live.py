@@ -186,6 +186,34 @@ def test_words_of_each_committed_utterance_in_stream_time(harness: Harness, chec
     assert "".join(deltas) == final.text
 
 
+def test_degenerate_word_times_stay_in_their_utterance(
+    harness: Harness, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real aligner, its times set to 0 for the second committed utterance (QwenLM/Qwen3-ASR issue 55): those
+    words are spread over that utterance's speech, after the silence, never back to the stream's start."""
+    from qwen_asr import Qwen3ForcedAligner
+    from qwen_asr.inference.qwen3_forced_aligner import ForcedAlignItem, ForcedAlignResult
+
+    real, calls = Qwen3ForcedAligner.align, []
+
+    def align(self: Qwen3ForcedAligner, audio: object, text: object, language: object) -> list[ForcedAlignResult]:
+        results = real(self, audio=audio, text=text, language=language)
+        calls.append(len(results))
+        if len(calls) != 2:
+            return results
+        return [ForcedAlignResult([ForcedAlignItem(it.text, 0, 0) for it in r.items]) for r in results]
+
+    monkeypatch.setattr(Qwen3ForcedAligner, "align", align)
+    harness.load(checkpoints["asr"], *ON, f"forced_aligner:{checkpoints['aligner']}")
+    words = [w for r in run_live(harness, speech("gap.opus"), config(words="true")) for w in r.words]
+    assert len(calls) == 2 and [w.text for w in words] == SENTENCE_WORDS * 2
+    (first, _), (second, second_end) = LAYOUT["gap.opus"]["speech"]
+    assert all(first - 0.5 <= w.start / NS < first + 2.0 for w in words[:6])  # the first utterance as aligned
+    starts = [w.start for w in words[6:]]
+    assert starts == sorted(set(starts))  # spread, not stacked
+    assert all(second - 0.5 <= w.start / NS <= w.end / NS <= second_end + 1.0 for w in words[6:])
+
+
 def test_cjk_deltas_join_without_spaces(harness: Harness, checkpoints: dict[str, Path]) -> None:
     harness.load(checkpoints["cjk"], *ON)
     for language in ("", "zh"):

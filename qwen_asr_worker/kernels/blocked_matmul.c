@@ -14,10 +14,9 @@
  *
  * Layout of W (N rows, K columns, N % 4 == 0, K % 16 == 0): element (n, k) lives at
  *   (n / 4) * 4 * K + (k / 16) * 64 + (n % 4) * 16 + k % 16.
- * Each product is accumulated with a fused multiply-add in float32 (the product itself is exact: int8 or bfloat16
- * W times a bfloat16 or float32 value fits float32's 24-bit significand only for int8 and bfloat16 x, but the FMA
- * rounds once per step either way), sums are float32, and the result is rounded once to y's type (round to
- * nearest even, as torch does).
+ * Products are accumulated with fused multiply-adds in float32 (one rounding per step; an int8 or bfloat16 weight
+ * times a bfloat16 input is exact before it), sums are float32, and the result is rounded once to y's type (round
+ * to nearest even, as torch does).
  */
 #include <stdint.h>
 #include <stdlib.h>
