@@ -138,8 +138,8 @@ class RequestRun:
             self.model.note_once(
                 "diarize",
                 "diarize=true asked (LocalAI's HTTP API sends it unless the form says diarize=false): served "
-                "without speaker labels, since this worker has no speaker diarization model; segments carry no "
-                "speaker. Said once for this model",
+                "without speaker labels. Speaker labels need a diarization model, which this version of the worker "
+                "does not have; send diarize=false to say you expect none. Said once for this model",
             )
         if self.request.temperature != 0:
             self.model.note_once(
