@@ -288,7 +288,7 @@ def machine_info() -> dict[str, Any]:
     }
     from qwen_asr_worker import models
 
-    info["auto_bf16_weights"] = models.bf16_weights_for("auto", "cpu", True)
+    info["auto_bf16_weights"] = models.pick_precision("auto", "cpu", True)[1]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

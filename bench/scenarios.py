@@ -615,17 +615,17 @@ def _decoder_bytes(thinker: Any) -> int:
 
 def _load_asr(params: Params, mode: str, *, tokens: int, batch: int = 1) -> Any:
     """The ASR model through the worker's loader, with decode path `mode` (`stock`, `fast` or `int8`)."""
-    import torch
-
     from qwen_asr_worker import models
 
     device = params.get("device", "cpu")
-    # As the worker decides it (engine): `auto` on a CPU where oneDNN packs no bf16 computes in float32 on bf16 weights.
-    bf16_weights = models.bf16_weights_for(params["dtype"], device, mode != "stock")
+    # As the worker decides it: `auto` on a CPU where oneDNN packs no bf16 computes in float32 on bf16 weights.
+    dtype, bf16_weights, _ = models.pick_precision(
+        params["dtype"], "cuda:0" if _cuda(params) else device, mode != "stock"
+    )
     return models.load_asr(
         params["asr"],
         device=device,
-        dtype=torch.float32 if bf16_weights else _torch_dtype(params["dtype"], device),
+        dtype=dtype,
         attn_implementation="sdpa",
         max_inference_batch_size=batch,
         max_new_tokens=tokens,

@@ -67,13 +67,7 @@ class Kernels:
         """
         rows, n = x.shape[0], blocked.shape[0]
         if (
-            x.dim() != 2
-            or x.dtype not in (torch.bfloat16, torch.float32)
-            or not x.is_contiguous()
-            or x.shape[1] != blocked.shape[1]
-            or blocked.dtype != torch.int8
-            or not blocked.is_contiguous()
-            or not self.fits(*blocked.shape)
+            not self._reads(x, blocked, torch.int8)
             or scale.dtype != torch.float32
             or not scale.is_contiguous()
             or scale.numel() != n
@@ -84,7 +78,7 @@ class Kernels:
                 "a contiguous int8 weight and a float32 scale per row (was the model converted after loading?)"
             )
         if rows > MAX_KERNEL_ROWS:
-            return self._general(x, blocked, scale)
+            return self._general(x, blocked, x.dtype).mul_(scale.to(x.dtype))
         out = torch.empty(rows, n, dtype=x.dtype)
         status = self.lib.qa_int8_matmul(
             x.data_ptr(), _bf16(x), blocked.data_ptr(), scale.data_ptr(), out.data_ptr(),
@@ -101,15 +95,7 @@ class Kernels:
         Raises:
             ValueError: the tensors are not what the kernel reads (it would read past them).
         """
-        if (
-            x.dim() != 2
-            or x.dtype not in (torch.bfloat16, torch.float32)
-            or not x.is_contiguous()
-            or x.shape[1] != blocked.shape[1]
-            or blocked.dtype != torch.bfloat16
-            or not blocked.is_contiguous()
-            or not self.fits(*blocked.shape)
-        ):
+        if not self._reads(x, blocked, torch.bfloat16):
             raise ValueError(
                 f"bf16 kernel inputs: x {x.dtype} {tuple(x.shape)}, weight {blocked.dtype} {tuple(blocked.shape)}: "
                 "need a contiguous bf16/fp32 x with the weight's width and a contiguous bf16 weight whose shape the "
@@ -117,13 +103,7 @@ class Kernels:
             )
         rows, n = x.shape[0], blocked.shape[0]
         if rows > MAX_KERNEL_ROWS:
-            out = torch.empty(rows, n, dtype=x.dtype)
-            wide = x.float()
-            for row0 in range(0, n, _UNPACK_ROWS):
-                count = min(_UNPACK_ROWS, n - row0)
-                part = torch.nn.functional.linear(wide, self.unpack(blocked, row0, count, torch.float32))
-                out[:, row0 : row0 + count] = part
-            return out
+            return self._general(x, blocked, torch.float32)
         out = torch.empty(rows, n, dtype=x.dtype)
         status = self.lib.qa_bf16_matmul(
             x.data_ptr(), _bf16(x), blocked.data_ptr(), out.data_ptr(), rows, n, x.shape[1], torch.get_num_threads()
@@ -131,6 +111,18 @@ class Kernels:
         if status != 0:
             raise MemoryError("the bf16 kernel could not allocate its float32 copy of the input")
         return out
+
+    def _reads(self, x: torch.Tensor, blocked: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+        """Whether the kernels can read `x` and the blocked weight without reading past either."""
+        return (
+            x.dim() == 2
+            and x.dtype in (torch.bfloat16, torch.float32)
+            and x.is_contiguous()
+            and x.shape[1] == blocked.shape[1]
+            and blocked.dtype == weight_dtype
+            and blocked.is_contiguous()
+            and self.fits(*blocked.shape)
+        )
 
     def unpack(self, blocked: torch.Tensor, row0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows `[row0, row0 + rows)` of the blocked int8 or bf16 weight as their values, row-major, in `dtype`
@@ -142,14 +134,16 @@ class Kernels:
         )  # fmt: skip
         return out
 
-    def _general(self, x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Many rows of x (a prompt): unpack the weight a slice at a time and let a general matrix product run."""
+    def _general(self, x: torch.Tensor, blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x @ W.T` (unscaled) for many rows of x (a prompt): the weight unpacked to `dtype` a slice at a time for a
+        general matrix product in `dtype`; the result in x's dtype."""
         n = blocked.shape[0]
         out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        wide = x.to(dtype)
         for row0 in range(0, n, _UNPACK_ROWS):
             rows = min(_UNPACK_ROWS, n - row0)
-            out[:, row0 : row0 + rows] = torch.nn.functional.linear(x, self.unpack(blocked, row0, rows, x.dtype))
-        return out.mul_(scale.to(x.dtype))
+            out[:, row0 : row0 + rows] = torch.nn.functional.linear(wide, self.unpack(blocked, row0, rows, dtype))
+        return out
 
     # --- the operators between a decoder layer's products (decode_ops.c); tensors contiguous, bf16 or fp32 ---
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -103,12 +103,8 @@ class Engine:
     def _build(self, spec: LoadSpec) -> LoadedModel:
         opts = spec.options
         device = runtime.pick_device(opts.device, spec.cuda)
-        dtype, why = runtime.pick_dtype(opts.torch_dtype, device)
         accelerated = opts.fast_decode or opts.quantization != "none"
-        bf16_weights = models.bf16_weights_for(opts.torch_dtype, device, accelerated)
-        if bf16_weights:
-            dtype = torch.float32
-            why = "auto: float32 compute on bf16 weights (oneDNN packs no bf16 on this CPU; our kernel multiplies them)"
+        dtype, bf16_weights, why = models.pick_precision(opts.torch_dtype, device, accelerated)
         log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
         if spec.threads > 0:
             threads = min(spec.threads, runtime.usable_cpus())

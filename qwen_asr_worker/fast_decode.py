@@ -47,10 +47,18 @@ def kernels_available(dtype: torch.dtype, quantization: str) -> str:
     """Why the fast path's linear layers cannot run here ("" when they can): each private operator is tried on a
     tiny input and must match `F.linear`. For bf16 on a CPU where oneDNN cannot pack it (no AVX-512 and no
     AVX-NE-CONVERT), our blocked bf16 kernel stands in when it builds and agrees."""
+    return _linear_route(dtype, quantization)[0]
+
+
+def _linear_route(dtype: torch.dtype, quantization: str) -> tuple[str, cpu_kernels.Kernels | None]:
+    """Why the fast path's linears cannot run here ("" when they can), and our bf16 kernel where it stands in for
+    oneDNN's packing (None where oneDNN packs, or int8 runs)."""
     problem = _packed_problem(dtype, quantization)
-    if problem and dtype == torch.bfloat16 and quantization == "none" and bf16_kernel() is not None:
-        return ""
-    return problem
+    if problem and dtype == torch.bfloat16 and quantization == "none":
+        blocked = bf16_kernel()
+        if blocked is not None:
+            return "", blocked
+    return problem, None
 
 
 def _packed_problem(dtype: torch.dtype, quantization: str) -> str:
@@ -150,25 +158,44 @@ def _accelerate_bf16_weights(
     kind = f"bf16 blocked ({blocked.vector_bits}-bit kernel)"
     if quantization == "int8":
         factory, kind = _int8_linears(kernels)
-    mapped = _mapped_ranges()
-    replaced = replace_linears(thinker.model, factory)
-    head = thinker.lm_head
-    tied = head.weight is thinker.model.embed_tokens.weight
-    thinker.lm_head = factory(head)  # always: a tied nn.Linear would take the bf16 embedding to float32 below
-    if tied and isinstance(thinker.lm_head, Bf16Linear) and _in_ranges(head.weight, mapped):
-        thinker.lm_head.weight_bytes = 0  # Status counts the matrix once, as the embedding's parameter
-    replaced.append(head)
-    encoder = replace_linears(thinker.audio_tower, functools.partial(Bf16Linear, kernel=blocked))
-    released = sum(_release(linear.weight) for linear in [*replaced, *encoder] if _in_ranges(linear.weight, mapped))
-    del replaced, encoder
-    released += _compute_in_float32(thinker, mapped)
-    runtime.trim_heap()
+    released = _swap_linears(thinker, factory, encoder=functools.partial(Bf16Linear, kernel=blocked))
     attention = _install_decode_step(thinker, kernels)
     return (
         f"fast CPU decode, float32 compute on bf16 weights: {kind} decoder linears and output projection, bf16 "
         f"blocked audio encoder linears, bf16 embedding table ({released / 2**20:.0f} MiB of mapped checkpoint pages "
         f"returned), {attention}, last-position prefill logits"
     )
+
+
+def _swap_linears(
+    thinker: nn.Module,
+    factory: Callable[[nn.Linear], nn.Module],
+    encoder: Callable[[nn.Linear], nn.Module] | None = None,
+) -> int:
+    """The decoder's linears and the output projection by `factory`'s modules, handing back the mapped checkpoint
+    pages of the weights they replace; returns the bytes handed back.
+
+    With `encoder`, the audio encoder's linears by its modules too, and everything left in bf16 computes in float32
+    (`_compute_in_float32`); the output projection is then always replaced, since a tied `nn.Linear` would take
+    the bf16 embedding table to float32 with it. Otherwise a tied output projection is replaced only where its
+    pages can go back (it shares the embedding's matrix)."""
+    mapped = _mapped_ranges()
+    replaced = replace_linears(thinker.model, factory)
+    head = thinker.lm_head
+    tied = head.weight is thinker.model.embed_tokens.weight
+    if encoder is not None or not tied or _in_ranges(head.weight, mapped):
+        thinker.lm_head = factory(head)
+        if tied and _in_ranges(head.weight, mapped) and isinstance(thinker.lm_head, PackedLinear | Bf16Linear):
+            thinker.lm_head.weight_bytes = 0  # Status counts the matrix once, as the embedding's parameter
+        replaced.append(head)
+    if encoder is not None:
+        replaced += replace_linears(thinker.audio_tower, encoder)
+    released = sum(_release(linear.weight) for linear in replaced if _in_ranges(linear.weight, mapped))
+    del replaced
+    if encoder is not None:
+        released += _compute_in_float32(thinker, mapped)
+    runtime.trim_heap()  # the stacked copies made while packing
+    return released
 
 
 def _compute_in_float32(thinker: nn.Module, mapped: list[tuple[int, int]]) -> int:
@@ -199,33 +226,19 @@ def _accelerate(thinker: nn.Module, device: str, dtype: torch.dtype, quantizatio
         return "stock decode (not a CPU); prefill logits for the last position only"
     if dtype not in (torch.bfloat16, torch.float32):
         return f"stock decode ({dtype} has no packed CPU kernel); prefill logits for the last position only"
-    problem = kernels_available(dtype, quantization)
+    problem, blocked = _linear_route(dtype, quantization)
     if problem:
         log.warning("fast CPU decode unavailable (%s); using the stock transformers path", problem)
         return f"stock decode ({problem})"
     kernels = _cpu_kernels(dtype)
     factory: Callable[[nn.Linear], nn.Module] = PackedLinear
     kind = "oneDNN-packed"
-    if quantization == "none" and _packed_problem(dtype, quantization):
-        blocked = bf16_kernel()  # not None: kernels_available said so
-        assert blocked is not None
+    if blocked is not None:
         factory = functools.partial(Bf16Linear, kernel=blocked)
         kind = f"bf16 blocked ({blocked.vector_bits}-bit kernel; oneDNN packs no bf16 on this CPU)"
     elif quantization == "int8":
         factory, kind = _int8_linears(kernels)
-    mapped = _mapped_ranges()
-    replaced = replace_linears(thinker.model, factory)
-    head = thinker.lm_head
-    tied = head.weight is thinker.model.embed_tokens.weight
-    if not tied or _in_ranges(head.weight, mapped):
-        # A tied output projection shares the embedding matrix; packing it is free only when its pages can go back.
-        thinker.lm_head = factory(head)
-        if tied and isinstance(thinker.lm_head, PackedLinear | Bf16Linear):
-            thinker.lm_head.weight_bytes = 0  # Status counts the matrix once, as the embedding's parameter
-        replaced.append(head)
-    released = sum(_release(linear.weight) for linear in replaced if _in_ranges(linear.weight, mapped))
-    del replaced
-    runtime.trim_heap()  # the stacked copies made while packing
+    released = _swap_linears(thinker, factory)
     attention = _install_decode_step(thinker, kernels)
     return (
         f"fast CPU decode: {kind} decoder linears ({released / 2**20:.0f} MiB of mapped checkpoint pages returned), "

@@ -37,8 +37,8 @@ from .audio import RESAMPLE_QUALITY, SAMPLE_RATE
 from .errors import Cancelled, InvalidRequest
 from .languages import detected_to_iso, to_iso
 from .options import LiveSettings
-from .pipeline import Granularity, IsCancelled, Transcription, joiner, pad_window
-from .segments import Segment, Word, repair_times
+from .pipeline import Granularity, IsCancelled, Transcription, joiner, pad_window, window_words
+from .segments import Segment, Word
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ForcedAligner
@@ -362,10 +362,7 @@ class LiveSession:
             )
         runtime.trim_heap()
         offset = self._start / SAMPLE_RATE
-        found = [Word(it.text, it.start_time + offset, it.end_time + offset) for it in aligned.items]
-        end = offset + len(audio) / SAMPLE_RATE
-        first, last = (min(max(edge, offset), end) for edge in speech)
-        return tuple(repair_times(found, end, start=offset, speech=(first, max(first, last))))
+        return tuple(window_words(aligned.items, offset, offset + len(audio) / SAMPLE_RATE, speech))
 
 
 _END = object()

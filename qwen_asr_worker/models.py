@@ -131,10 +131,16 @@ def _placement(device: str, dtype: torch.dtype) -> dict[str, Any]:
     return kwargs
 
 
-def bf16_weights_for(torch_dtype: str, device: str, accelerated: bool) -> bool:
-    """Whether a load computes in float32 on bf16 weights: `torch_dtype:auto` on a CPU where oneDNN packs no bf16
-    but our bf16 kernel runs (`fast_decode.bf16_weights_pay()`), with the fast path (or int8) on."""
-    return torch_dtype == "auto" and device == "cpu" and accelerated and fast_decode_path.bf16_weights_pay()
+def pick_precision(requested: str, device: str, accelerated: bool) -> tuple[torch.dtype, bool, str]:
+    """The compute dtype for `torch_dtype`, whether the weights stay bf16 under it, and why (for the log line).
+
+    `auto` on a CPU where oneDNN packs no bf16 but our bf16 kernel runs (`fast_decode.bf16_weights_pay()`), with
+    the fast path (or int8) on, computes in float32 on bf16 weights; everything else is `runtime.pick_dtype`."""
+    if requested == "auto" and device == "cpu" and accelerated and fast_decode_path.bf16_weights_pay():
+        why = "auto: float32 compute on bf16 weights (oneDNN packs no bf16 on this CPU; our kernel multiplies them)"
+        return torch.float32, True, why
+    dtype, why = runtime.pick_dtype(requested, device)
+    return dtype, False, why
 
 
 def load_asr(
@@ -164,6 +170,8 @@ def load_asr(
     check_asr_checkpoint(path)
     from qwen_asr import Qwen3ASRModel
 
+    weights = torch.bfloat16 if bf16_weights else dtype
+
     with torch_state.loading():
         started = time.perf_counter()
         model = Qwen3ASRModel.from_pretrained(
@@ -172,22 +180,20 @@ def load_asr(
             max_inference_batch_size=max_inference_batch_size,
             max_new_tokens=max_new_tokens,
             attn_implementation=attn_implementation,
-            **_placement(device, torch.bfloat16 if bf16_weights else dtype),
+            **_placement(device, weights),
         )
     model.model.eval()
     _set_pad_token(model.model)
     decode = "stock decode (fast_decode:off)"
-    if bf16_weights:
+    if fast_decode or quantization != "none" or bf16_weights:
         decode = fast_decode_path.accelerate_decoder(
-            model.model, device=device, dtype=torch.bfloat16, quantization=quantization, compute=dtype
+            model.model, device=device, dtype=weights, quantization=quantization, compute=dtype
         )
-    elif fast_decode or quantization != "none":
-        decode = fast_decode_path.accelerate_decoder(model.model, device=device, dtype=dtype, quantization=quantization)
     log.info(
         "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB); %s",
         path,
         device,
-        f"{str(dtype).removeprefix('torch.')} on bf16 weights" if bf16_weights else str(dtype).removeprefix("torch."),
+        str(dtype).removeprefix("torch.") + (" on bf16 weights" if bf16_weights else ""),
         time.perf_counter() - started,
         runtime.module_bytes(model.model) / 2**30,
         runtime.rss_bytes() / 2**30,

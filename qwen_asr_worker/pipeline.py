@@ -11,11 +11,11 @@ import enum
 import logging
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -223,11 +223,8 @@ class RequestRun:
         runtime.trim_heap()
         words: list[Word] = []
         for (window, _, _), result in zip(todo, aligned, strict=True):
-            offset = window.start / SAMPLE_RATE
-            found = [Word(it.text, it.start_time + offset, it.end_time + offset) for it in result.items]
-            # Repaired within the window: degenerate times must not spread into a skipped silence.
-            bounds = (window.start / SAMPLE_RATE, window.end / SAMPLE_RATE)
-            words.extend(repair_times(found, bounds[1], start=bounds[0], speech=window.speech_seconds))
+            end = window.end / SAMPLE_RATE
+            words.extend(window_words(result.items, window.offset_seconds, end, window.speech_seconds))
         return words
 
     def _result(
@@ -265,6 +262,15 @@ def plan_request(samples: np.ndarray, opts: WorkerOptions) -> list[Window]:
         return plan_windows(samples, max_seconds=opts.chunk_seconds)
     regions = vad.detect_speech(samples, opts.vad_settings)
     return plan_speech_windows(samples, regions, max_seconds=opts.chunk_seconds)
+
+
+def window_words(items: Iterable[Any], start: float, end: float, speech: tuple[float, float]) -> list[Word]:
+    """An aligner result's items (window-relative times) as words on the timeline of the window `[start, end)`,
+    repaired within it: degenerate times must not spread into a skipped silence or another window. A run of bad
+    times with no good neighbour on a side reaches only the `speech` edge there (clamped into the window)."""
+    found = [Word(it.text, it.start_time + start, it.end_time + start) for it in items]
+    first, last = (min(max(edge, start), end) for edge in speech)
+    return repair_times(found, end, start=start, speech=(first, max(first, last)))
 
 
 def pad_window(samples: np.ndarray) -> np.ndarray:

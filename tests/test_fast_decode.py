@@ -46,7 +46,14 @@ def _needs_packing(dtype: torch.dtype) -> None:
 
 
 def _load(
-    path: Path, dtype: torch.dtype, *, fast: bool, quantization: str = "none", tokens: int = 300, attn: str = "sdpa"
+    path: Path,
+    dtype: torch.dtype,
+    *,
+    fast: bool,
+    quantization: str = "none",
+    tokens: int = 300,
+    attn: str = "sdpa",
+    bf16_weights: bool = False,
 ) -> Any:
     return models.load_asr(
         str(path),
@@ -57,7 +64,14 @@ def _load(
         max_new_tokens=tokens,
         fast_decode=fast,
         quantization=quantization,
+        bf16_weights=bf16_weights,
     )
+
+
+def _padded_batch() -> tuple[list[np.ndarray], list[str]]:
+    """Two clips of different lengths and contexts in one batch: padding, so the attention mask is exercised too."""
+    contexts = ["", "a much longer context that pads the other prompt"]
+    return [speech_like(3.0, seed=1), speech_like(7.5, seed=2)], contexts
 
 
 def _generate(
@@ -83,9 +97,7 @@ def _generate(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_greedy_tokens_identical_to_the_stock_path(long_checkpoint: Path, dtype: torch.dtype) -> None:
-    # Two clips of different lengths and contexts in one batch: padding, so the attention mask is exercised too.
-    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
-    contexts = ["", "a much longer context that pads the other prompt"]
+    clips, contexts = _padded_batch()
     stock_texts, stock_ids = _generate(_load(long_checkpoint, dtype, fast=False), clips, contexts)
     fast = _load(long_checkpoint, dtype, fast=True)
     # Where the CPU cannot pack this dtype the load keeps the stock path (and says so: tested below), and says the
@@ -159,8 +171,7 @@ def test_without_onednn_packing_bf16_takes_our_blocked_kernel(
 ) -> None:
     """Where oneDNN packs no bf16 (an AVX2-only CPU, here forced on any CPU), the decoder's linears and the output
     projection hold their bf16 weights in our blocked layout, and greedy tokens stay the stock path's."""
-    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
-    contexts = ["", "a much longer context that pads the other prompt"]
+    clips, contexts = _padded_batch()
     stock_texts, stock_ids = _generate(_load(long_checkpoint, torch.bfloat16, fast=False), clips, contexts)
     _without_onednn_packing(monkeypatch)
     with caplog.at_level(logging.INFO, logger="qwen_asr_worker"):
@@ -328,8 +339,7 @@ def test_one_step_decoder_layers_give_the_module_by_module_logits_on_random_weig
         else:
             assert step.kernels is not None
             step._with_kernels = counted(step._with_kernels, compiled)
-    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
-    contexts = ["", "a much longer context that pads the other prompt"]  # padding: the mask is exercised
+    clips, contexts = _padded_batch()
     texts, logits = _generate(fused, clips, contexts, logits=True)
     module_texts, module_logits = _generate(unfused, clips, contexts, logits=True)
     stock_texts, stock_logits = _generate(stock, clips, contexts, logits=True)
@@ -414,18 +424,8 @@ needs_bf16_kernel = pytest.mark.skipif(
 def test_bf16_weights_with_float32_compute_say_the_same(long_checkpoint: Path, quantization: str) -> None:
     """Every linear weight stays bf16 (blocked; int8 in the decoder with quantization:int8), the embedding table
     bf16, everything else float32: the stock path's greedy tokens, in bf16 and in float32."""
-    clips = [speech_like(3.0, seed=1), speech_like(7.5, seed=2)]
-    contexts = ["", "a much longer context that pads the other prompt"]
-    model = models.load_asr(
-        str(long_checkpoint),
-        device="cpu",
-        dtype=torch.float32,
-        attn_implementation="sdpa",
-        max_inference_batch_size=8,
-        max_new_tokens=300,
-        quantization=quantization,
-        bf16_weights=True,
-    )
+    clips, contexts = _padded_batch()
+    model = _load(long_checkpoint, torch.float32, fast=True, quantization=quantization, bf16_weights=True)
     thinker = model.model.thinker
     assert model.model.dtype == torch.float32
     decoder_kind = decode_linears.Int8Linear if quantization == "int8" else decode_linears.Bf16Linear
@@ -453,9 +453,6 @@ def test_auto_takes_bf16_weights_where_they_pay(
 ) -> None:
     """Where `bf16_weights_pay()` (a CPU without fast bf16, here said so on any CPU) `torch_dtype:auto` computes in
     float32 on bf16 weights and says so; `torch_dtype:fp32` stays plain float32; Status counts bf16 bytes."""
-    from qwen_asr_worker import runtime
-
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(fast_decode, "bf16_weights_pay", lambda: True)
     sizes = {}
     for dtype in ("auto", "fp32"):
