@@ -14,6 +14,10 @@ TORCH_BUILD := $(VENV)/.torch-build
 STAMP := $(VENV)/.installed
 STUBS := backend_pb2.py backend_pb2_grpc.py
 ADDR ?= 127.0.0.1:50051
+# make install DIARIZATION=pyannote adds pyannote.audio, for a `diarization:FOLDER` pyannote pipeline (the embedded
+# `diarization:on` needs nothing more than the default install).
+DIARIZATION ?=
+PYANNOTE := pyannote.audio==4.0.7
 BENCH_ARGS ?=
 # make eval DATA=DIR [CONFIGS='vad:on; vad:off'] [MODEL=Qwen/Qwen3-ASR-0.6B] [OUT=eval-results]
 DATA ?=
@@ -26,6 +30,10 @@ OUT ?= eval-results
 all: install
 
 install: $(STAMP) $(STUBS)
+	@if [ "$(DIARIZATION)" = pyannote ]; then \
+	  echo "installing $(PYANNOTE) for diarization:FOLDER pipelines"; \
+	  $(PY) -m pip install --quiet "$(PYANNOTE)" -c $(VENV)/requirements-build.txt; \
+	elif [ -n "$(DIARIZATION)" ]; then echo "make: DIARIZATION=$(DIARIZATION) is unknown; use pyannote" >&2; exit 1; fi
 
 $(TORCH_BUILD): FORCE
 	@$(PYTHON) tools/torch_build.py record $@

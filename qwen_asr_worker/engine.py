@@ -13,12 +13,16 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from . import models, runtime
-from .errors import ModelIdentityMismatch, NotReady, Unsupported
+from . import diarization, models, runtime, vad
+from .audio import SAMPLE_RATE, load_audio
+from .diarization import DiarizeSettings
+from .errors import InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported
+from .languages import to_iso
 from .live import LiveConfig, LiveSession
 from .loaded_model import LoadedModel, LoadSpec
 from .pipeline import (  # the request types are re-exported: callers know them as the engine's
@@ -27,10 +31,13 @@ from .pipeline import (  # the request types are re-exported: callers know them 
     RequestRun,
     Transcription,
     TranscriptionRequest,
+    joiner,
     never_cancelled,
 )
+from .speakers import Turn, texts_for_turns
 
 __all__ = [
+    "DiarizationRequest",
     "Engine",
     "Granularity",
     "LoadSpec",
@@ -62,6 +69,28 @@ class EngineStatus:
     rss_bytes: int
     cuda_bytes: int
     message: str = ""
+    diarizer_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class DiarizationRequest:
+    """A `Diarize` call in domain terms: the file, the speaker hints, and whether to add each turn's text."""
+
+    path: str
+    settings: DiarizeSettings = field(default_factory=DiarizeSettings)
+    include_text: bool = False
+    language: str | None = None
+    model_identity: str = ""
+
+
+@dataclass(frozen=True)
+class Diarization:
+    """Who spoke when in a file: turns (labelled in order of first appearance), each turn's text when asked."""
+
+    turns: tuple[Turn, ...]
+    texts: tuple[str, ...]
+    duration: float
+    language: str
 
 
 class Engine:
@@ -102,6 +131,11 @@ class Engine:
 
     def _build(self, spec: LoadSpec) -> LoadedModel:
         opts = spec.options
+        if opts.diarization is not None:
+            try:
+                diarization.check_available(opts.diarization, spec.model_path)
+            except NotReady as exc:
+                raise InvalidRequest(str(exc)) from None
         device = runtime.pick_device(opts.device, spec.cuda)
         accelerated = opts.fast_decode or opts.quantization != "none"
         dtype, bf16_weights, why = models.pick_precision(opts.torch_dtype, device, accelerated)
@@ -160,7 +194,15 @@ class Engine:
             state = State.BUSY if inflight else State.READY
         base, aligner = model.weight_bytes() if model else (0, 0)
         message = error or ("freed" if ever and model is None else "")
-        return EngineStatus(state, base, aligner, runtime.rss_bytes(), runtime.cuda_allocated_bytes(), message)
+        return EngineStatus(
+            state,
+            base,
+            aligner,
+            runtime.rss_bytes(),
+            runtime.cuda_allocated_bytes(),
+            message,
+            model.diarizer_bytes() if model else 0,
+        )
 
     # --- requests -------------------------------------------------------------------------------------
     def _acquire(self, identity: str) -> LoadedModel:
@@ -226,3 +268,62 @@ class Engine:
             yield from RequestRun(model, request, cancelled, progressive).events()
         finally:
             self._release(model)
+
+    def diarize(self, request: DiarizationRequest, cancelled: IsCancelled = never_cancelled) -> Diarization:
+        """Who spoke when in a file; with `include_text`, each turn's words from a diarized transcription (with
+        word times when the model has an aligner)."""
+        model = self._acquire(request.model_identity)
+        try:
+            if model.spec.options.diarization is None:
+                model.acquire_diarizer()  # raises the "diarization is off" error
+            if not request.include_text:
+                samples = load_audio(request.path)
+                diarizer = model.acquire_diarizer()
+                try:
+                    turns = tuple(diarizer(samples, request.settings))
+                finally:
+                    model.release_diarizer()
+                language = to_iso(request.language) if request.language else ""
+                return Diarization(turns, ("",) * len(turns), len(samples) / SAMPLE_RATE, language)
+            timed = model.spec.options.timestamps_enabled
+            transcription = TranscriptionRequest(
+                path=request.path,
+                language=request.language,
+                granularity=Granularity.WORD if timed else Granularity.NONE,
+                diarize=True,
+                speakers=request.settings,
+            )
+            result = None
+            for event in RequestRun(model, transcription, cancelled, False).events():
+                if isinstance(event, Transcription):
+                    result = event
+            assert result is not None, "a request run always ends with its result"
+            pieces = [(s.start, s.end, s.speaker, s.text) for s in result.segments]
+            texts = tuple(_joined(parts) for parts in texts_for_turns(result.turns, pieces))
+            return Diarization(result.turns, texts, result.duration, result.language)
+        finally:
+            self._release(model)
+
+    def speech(self, samples: np.ndarray, identity: str = "") -> list[tuple[float, float]]:
+        """The speech runs `(start, end)` in seconds of 16-kHz samples, by the loaded model's `vad_threshold`
+        and `vad_min_silence_seconds`, unpadded (the `VAD` rpc)."""
+        model = self._acquire(identity)
+        try:
+            opts = model.spec.options
+            if len(samples) == 0:
+                return []
+            if not np.isfinite(samples).all():
+                raise InvalidRequest(
+                    "VAD audio holds non-finite samples (NaN or infinity); send 16-kHz float samples in [-1, 1]"
+                )
+            regions = vad.detect_speech(samples, opts.vad_settings)
+            return [(r.speech_start / SAMPLE_RATE, r.speech_end / SAMPLE_RATE) for r in regions]
+        finally:
+            self._release(model)
+
+
+def _joined(parts: list[str]) -> str:
+    text = ""
+    for part in parts:
+        text += joiner(text, part) + part
+    return text

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import models, runtime, torch_state
+from . import diarization, models, runtime, torch_state
 from .audio import SAMPLE_RATE
 from .batcher import AsrBatcher, AsrJob
 from .errors import NotReady
@@ -29,6 +29,8 @@ from .options import PROMPT_TOKENS, WorkerOptions
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ASRModel, Qwen3ForcedAligner
+
+    from .diarization import Diarizer
 
 log = logging.getLogger("qwen_asr_worker.engine")  # the load and aligner lines stay where operators filter for them
 
@@ -63,6 +65,11 @@ class LoadedModel:
         self._closed = threading.Event()
         self._notes_lock = threading.Lock()
         self._noted: set[str] = set()
+        self._diarizer: Diarizer | None = None
+        self._diarizer_lock = threading.Lock()
+        self._diarizer_users = 0
+        self._diarizer_last_used = time.monotonic()
+        self.diarizer_loads = 0
         opts = spec.options
         self.batcher = AsrBatcher(
             self._run_batch,
@@ -71,7 +78,7 @@ class LoadedModel:
             name=f"asr-batcher-{spec.name or 'model'}",
             max_batch_samples=int(opts.max_batch_seconds * SAMPLE_RATE),
         )
-        if opts.aligner_idle_unload > 0:
+        if opts.aligner_idle_unload > 0:  # the aligner's and the diarizer's
             threading.Thread(target=self._idle_watch, name="aligner-idle", daemon=True).start()
 
     # --- the base model -------------------------------------------------------------------------------
@@ -214,6 +221,61 @@ class LoadedModel:
             if due:
                 log.info("no timestamp request for %.1f s", idle)
                 self.detach_aligner()
+            with self._diarizer_lock:
+                due = (
+                    self._diarizer_users == 0
+                    and self._diarizer is not None
+                    and time.monotonic() - self._diarizer_last_used >= idle
+                )
+            if due:
+                log.info("no diarization request for %.1f s", idle)
+                self.detach_diarizer()
+
+    # --- the diarizer ---------------------------------------------------------------------------------
+    @property
+    def diarizer_attached(self) -> bool:
+        """Whether the diarization model is loaded right now."""
+        return self._diarizer is not None
+
+    def acquire_diarizer(self) -> Diarizer:
+        """Return the diarizer, loading it first if needed (once, under a lock, like the aligner).
+
+        Callers must pair this with `release_diarizer()`; while any caller holds it the idle unloader waits.
+
+        Raises:
+            NotReady: diarization is off for this model, or its pipeline could not be loaded.
+        """
+        choice = self.spec.options.diarization
+        if choice is None:
+            raise NotReady(
+                "speaker diarization is off for this model; set the model option diarization:on (the embedded "
+                "pipeline) or diarization:PATH (a pyannote pipeline folder) and load it again"
+            )
+        with self._diarizer_lock:
+            if self._closed.is_set():
+                raise NotReady("the model was unloaded; call LoadModel again")
+            if self._diarizer is None:
+                self._diarizer = diarization.load_diarizer(choice, self.spec.model_path)
+                self.diarizer_loads += 1
+            self._diarizer_users += 1
+            self._diarizer_last_used = time.monotonic()
+            return self._diarizer
+
+    def release_diarizer(self) -> None:
+        """Mark the end of one use of the diarizer (starts the idle clock)."""
+        with self._diarizer_lock:
+            self._diarizer_users -= 1
+            self._diarizer_last_used = time.monotonic()
+
+    def detach_diarizer(self) -> bool:
+        """Drop the diarization model and give its memory back. Returns whether one was loaded."""
+        with self._diarizer_lock:
+            if self._diarizer is None:
+                return False
+            self._diarizer = None
+        runtime.release_memory()
+        log.info("diarization model freed")
+        return True
 
     # --- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -222,6 +284,8 @@ class LoadedModel:
         self.batcher.close()
         with self._aligner_lock:
             self.asr = None
+        with self._diarizer_lock:
+            self._diarizer = None
         runtime.release_memory()
 
     def weight_bytes(self) -> tuple[int, int]:
@@ -231,6 +295,11 @@ class LoadedModel:
             return 0, 0
         aligner = asr.forced_aligner
         return runtime.module_bytes(asr.model), runtime.module_bytes(aligner.model if aligner else None)
+
+    def diarizer_bytes(self) -> int:
+        """Bytes of the diarization model's weights (0 when not loaded)."""
+        diarizer = self._diarizer
+        return diarizer.weight_bytes() if diarizer is not None else 0
 
 
 def _generate_after_prefix(asr: Qwen3ASRModel, jobs: Sequence[AsrJob]) -> list[tuple[str | None, str]]:

@@ -64,6 +64,7 @@ class WorkerOptions:
     vad_pad_seconds: float = 0.4
     vad_threshold: float = 0.5
     live: bool = True
+    diarization: str | None = None  # None: off; "on": the embedded pipeline; else a pyannote pipeline folder
 
     @property
     def vad_settings(self) -> VadSettings:
@@ -146,6 +147,15 @@ def _parse_aligner(text: str) -> str | None:
     return None if text.lower() in ("none", "off", "false", "disabled") else text
 
 
+def _parse_diarization(text: str) -> str | None:
+    value = text.lower()
+    if value in _FALSE or value == "none":
+        return None
+    if value in _TRUE:
+        return "on"
+    return text  # a pyannote pipeline folder: checked when it loads
+
+
 def _parse_optional_dtype(text: str) -> str | None:
     return _parse_choice(DTYPES, _DTYPE_ALIASES)(text)
 
@@ -180,6 +190,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "vad_pad_seconds": _parse_float(0.0, 10.0),
     "vad_threshold": _parse_float(0.0, 1.0, open_low=True, open_high=True),
     "live": _parse_on_off,
+    "diarization": _parse_diarization,
 }
 _ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}
 assert set(_PARSERS) == {f.name for f in fields(WorkerOptions)}

@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,10 +22,12 @@ import numpy as np
 from . import runtime, torch_state, vad
 from .audio import SAMPLE_RATE, load_audio
 from .chunking import Window, plan_speech_windows, plan_windows
+from .diarization import DiarizeSettings
 from .errors import Cancelled
 from .languages import detected_to_iso, to_iso
 from .options import WorkerOptions
 from .segments import Segment, Word, build_segments, repair_times
+from .speakers import Turn, speaker_at, word_speakers
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ForcedAligner
@@ -50,8 +52,9 @@ class Granularity(enum.Enum):
 class TranscriptionRequest:
     """One request in domain terms: a decoded-later file path, a canonical language or None, a context.
 
-    `diarize` and `temperature` are what the client (or LocalAI's defaults) asked for; the worker serves them its
-    own way: no speaker labels (it has no diarization), greedy decoding at any temperature.
+    `diarize` and `temperature` are what the client (or LocalAI's defaults) asked for: `diarize` labels speakers
+    when the model was loaded with diarization (else it is served without labels), with the hints in
+    `speakers`; decoding is greedy at any temperature.
     """
 
     path: str
@@ -61,17 +64,20 @@ class TranscriptionRequest:
     model_identity: str = ""
     diarize: bool = False
     temperature: float = 0.0
+    speakers: DiarizeSettings = field(default_factory=DiarizeSettings)
 
 
 @dataclass(frozen=True)
 class Transcription:
-    """The result: text, ISO language code(s), seconds of audio, and sentence segments."""
+    """The result: text, ISO language code(s), seconds of audio, sentence segments, and (when diarized) the
+    speaker turns the segments' labels came from."""
 
     text: str
     language: str
     duration: float
     segments: tuple[Segment, ...]
     granularity: Granularity
+    turns: tuple[Turn, ...] = ()
 
 
 IsCancelled = Callable[[], bool]
@@ -102,7 +108,9 @@ class RequestRun:
             self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
         samples = load_audio(self.request.path)
         duration = len(samples) / SAMPLE_RATE
-        windows = plan_request(samples, self.opts)
+        diarizing = self.request.diarize and self.opts.diarization is not None
+        probabilities = vad.frame_probabilities(samples) if self.opts.vad or diarizing else None
+        windows = plan_request(samples, self.opts, probabilities)
         text = ""
         languages: list[str] = []
         pieces: list[tuple[Window, str]] = []
@@ -127,19 +135,20 @@ class RequestRun:
         finally:
             if aligner is not None:
                 self.model.release_aligner()
-        result = self._result(text, languages, words, duration, pieces)
+        turns = self._diarize(samples, probabilities)
+        result = self._result(text, languages, words, duration, pieces, turns)
         self._log(result, windows, time.perf_counter() - started)
         yield result
 
     def _note_served_defaults(self) -> None:
         """LocalAI's HTTP API sends `diarize=true` unless the form says `false`, and OpenAI clients may send a
         temperature: both are served, and said once per loaded model."""
-        if self.request.diarize:
+        if self.request.diarize and self.opts.diarization is None:
             self.model.note_once(
                 "diarize",
                 "diarize=true asked (LocalAI's HTTP API sends it unless the form says diarize=false): served "
-                "without speaker labels. Speaker labels need a diarization model, which this version of the worker "
-                "does not have; send diarize=false to say you expect none. Said once for this model",
+                "without speaker labels, since this model was loaded without diarization; set the model option "
+                "diarization:on for labels, or send diarize=false to say you expect none. Said once for this model",
             )
         if self.request.temperature != 0:
             self.model.note_once(
@@ -166,6 +175,18 @@ class RequestRun:
             result.duration / elapsed if elapsed > 0 else 0.0,
             result.language or "-",
         )
+
+    def _diarize(self, samples: np.ndarray, probabilities: np.ndarray | None) -> tuple[Turn, ...]:
+        """Who spoke when, for a request that asked (`diarize`) on a model loaded with diarization; the VAD's
+        frame probabilities are the ones the windows were planned from."""
+        if not self.request.diarize or self.opts.diarization is None:
+            return ()
+        self._check_cancelled()
+        diarizer = self.model.acquire_diarizer()
+        try:
+            return tuple(diarizer(samples, self.request.speakers, probabilities))
+        finally:
+            self.model.release_diarizer()
 
     def _groups(self, windows: list[Window]) -> Iterator[list[Window]]:
         """All windows at once, or for a stream the first alone (an early first delta), then batches."""
@@ -234,33 +255,45 @@ class RequestRun:
         words: list[Word],
         duration: float,
         pieces: list[tuple[Window, str]],
+        turns: tuple[Turn, ...],
     ) -> Transcription:
+        """The final result. With speaker turns, words take the speaker who overlaps them most and segments are
+        cut where it changes; without word times, each window's segment takes its main speaker."""
         language = to_iso(self.request.language) if self.request.language else detected_to_iso(",".join(languages))
         if self.want_timestamps:
+            speakers = word_speakers([(w.start, w.end) for w in words], turns) if turns else None
             segments = build_segments(
-                text, words, duration, max_segment_seconds=self.opts.max_segment_seconds, times_repaired=True
+                text,
+                words,
+                duration,
+                max_segment_seconds=self.opts.max_segment_seconds,
+                times_repaired=True,
+                speakers=speakers,
             )
         elif self.opts.vad:  # one segment per window, from its first to its last speech
             segments = [
-                Segment(text=piece, start=w.speech_seconds[0], end=w.speech_seconds[1], words=())
+                Segment(piece, w.speech_seconds[0], w.speech_seconds[1], (), speaker_at(*w.speech_seconds, turns))
                 for w, piece in pieces
                 if piece.strip()
             ]
         elif text:
-            segments = [Segment(text=text, start=0.0, end=duration, words=())]
+            segments = [Segment(text, 0.0, duration, (), speaker_at(0.0, duration, turns))]
         else:
             segments = []
-        return Transcription(text, language, duration, tuple(segments), self.request.granularity)
+        return Transcription(text, language, duration, tuple(segments), self.request.granularity, turns)
 
 
-def plan_request(samples: np.ndarray, opts: WorkerOptions) -> list[Window]:
-    """The windows a request sends to the model: the whole file, or with voice activity detection only its speech.
+def plan_request(samples: np.ndarray, opts: WorkerOptions, probabilities: np.ndarray | None = None) -> list[Window]:
+    """The windows a request sends to the model: the whole file, or with voice activity detection only its speech
+    (from the VAD's frame `probabilities` when the caller has them already).
 
     The same with and without timestamps, streamed or not: they depend on the audio and the options alone.
     """
     if not opts.vad:
         return plan_windows(samples, max_seconds=opts.chunk_seconds)
-    regions = vad.detect_speech(samples, opts.vad_settings)
+    if probabilities is None:
+        probabilities = vad.frame_probabilities(samples)
+    regions = vad.regions_from_probabilities(probabilities, len(samples), opts.vad_settings) if len(samples) else []
     return plan_speech_windows(samples, regions, max_seconds=opts.chunk_seconds)
 
 

@@ -51,6 +51,7 @@ class Segment:
     start: float
     end: float
     words: tuple[Word, ...]
+    speaker: str = ""  # a diarization label ("SPEAKER_00"), or "" when nobody asked who spoke
 
 
 # --- time repair ------------------------------------------------------------------------------------------------
@@ -349,6 +350,7 @@ def build_segments(
     pause_factor: float = 4.0,
     min_pause: float = 0.3,
     times_repaired: bool = False,
+    speakers: Sequence[str] | None = None,
 ) -> list[Segment]:
     """Group aligned `words` into sentence segments of `transcript`.
 
@@ -358,8 +360,9 @@ def build_segments(
     A new segment starts after a word when, between it and the next word, the transcript has sentence-ending
     punctuation (not a decimal point as in "3.5", not after a title such as "Mr.", not a "." or "…" followed by a
     lowercase word); when the pause before the next word is longer than `max(pause_factor * median pause,
-    min_pause)`; or when the next word would make the segment last longer than `max_segment_seconds` (a single
-    longer word still gets a segment of its own).
+    min_pause)`; when the next word would make the segment last longer than `max_segment_seconds` (a single
+    longer word still gets a segment of its own); or, given `speakers` (one label per word), when the next word's
+    speaker is another (a sentence two people share becomes two segments, each with its `speaker`).
 
     Each segment's text is the transcript from its first word to the next segment's first word, with the
     trailing punctuation, without surrounding whitespace; text before the first word joins the first segment.
@@ -370,11 +373,13 @@ def build_segments(
     Returns [] for an empty transcript or no words.
 
     Raises:
-        ValueError: a non-finite or negative `duration`, `max_segment_seconds <= 0`, a negative pause setting, or
-            `times_repaired` with times that are not (`is_repaired`).
+        ValueError: a non-finite or negative `duration`, `max_segment_seconds <= 0`, a negative pause setting,
+            `times_repaired` with times that are not (`is_repaired`), or `speakers` not one per word.
     """
     if not max_segment_seconds > 0 or not pause_factor >= 0 or not min_pause >= 0:
         raise ValueError("max_segment_seconds must be > 0 and pause_factor, min_pause >= 0")
+    if speakers is not None and len(speakers) != len(words):
+        raise ValueError(f"{len(speakers)} speakers given for {len(words)} words; give one per word")
     if times_repaired:
         if not is_repaired(words, duration):
             raise ValueError("times_repaired was given, but the word times are not ordered inside the file")
@@ -386,11 +391,27 @@ def build_segments(
     spans = _locate(transcript, timed)
     gaps = [b.start - a.end for a, b in pairwise(timed)]
     pause = max(pause_factor * statistics.median(gaps), min_pause) if gaps else math.inf
-    ranges = _split(transcript, timed, spans, gaps, pause, max_segment_seconds)
+    labels = list(speakers) if speakers is not None else [""] * len(timed)
+    ranges = _split(transcript, timed, spans, gaps, pause, max_segment_seconds, labels)
     return [
-        Segment(transcript[lo:hi].strip(), timed[first].start, timed[last - 1].end, tuple(timed[first:last]))
+        Segment(
+            transcript[lo:hi].strip(),
+            timed[first].start,
+            timed[last - 1].end,
+            tuple(timed[first:last]),
+            _main_speaker(timed[first:last], labels[first:last]),
+        )
         for first, last, lo, hi in _merge_empty(transcript, ranges)
     ]
+
+
+def _main_speaker(words: Sequence[Word], labels: Sequence[str]) -> str:
+    """The speaker of most of a segment's time (only a segment merged for having no text of its own can hold
+    two); ties go to the one who spoke first."""
+    held: dict[str, float] = {}
+    for word, label in zip(words, labels, strict=True):
+        held[label] = held.get(label, 0.0) + max(word.end - word.start, _EPS)
+    return max(held, key=lambda label: held[label]) if held else ""
 
 
 def _split(
@@ -400,6 +421,7 @@ def _split(
     gaps: list[float],
     pause: float,
     cap: float,
+    speakers: Sequence[str],
 ) -> list[tuple[int, int, int, int]]:
     """Segments as `(first word, end word, text start, text end)`, covering all words and all the text."""
     ranges: list[tuple[int, int, int, int]] = []
@@ -408,7 +430,7 @@ def _split(
         low, high = spans[i][1], spans[i + 1][0]
         end = _sentence_end(transcript, low, high)
         too_long = words[i + 1].end - words[first].start > cap
-        if end is not None or gap > pause or too_long:
+        if end is not None or gap > pause or too_long or speakers[i] != speakers[i + 1]:
             cut = _cut(transcript, low, high, end)
             ranges.append((first, i + 1, text_start, cut))
             first, text_start = i + 1, cut

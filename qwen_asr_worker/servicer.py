@@ -22,7 +22,17 @@ import backend_pb2
 import backend_pb2_grpc
 
 from .audio import AudioError
-from .engine import Engine, Granularity, LoadSpec, State, Transcription, TranscriptionRequest
+from .diarization import DiarizeSettings
+from .engine import (
+    Diarization,
+    DiarizationRequest,
+    Engine,
+    Granularity,
+    LoadSpec,
+    State,
+    Transcription,
+    TranscriptionRequest,
+)
 from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported, shown
 from .languages import LanguageError, resolve_language
 from .live import AudioInbox, LiveConfig, LiveUpdate, check_sample_rate, drive
@@ -134,6 +144,42 @@ def to_request(request: backend_pb2.TranscriptRequest) -> TranscriptionRequest:
     )
 
 
+def to_diarization_request(request: backend_pb2.DiarizeRequest) -> DiarizationRequest:
+    """Validate a `Diarize` call: every field is honoured; a bad value is named in the error. `threads` is not per
+    request here (torch's CPU threads are process-wide, set at LoadModel)."""
+    if not request.dst:
+        raise InvalidRequest("no audio file given: dst is empty")
+    settings = DiarizeSettings(
+        num_speakers=request.num_speakers,
+        min_speakers=request.min_speakers,
+        max_speakers=request.max_speakers,
+        clustering_threshold=request.clustering_threshold,
+        min_duration_on=request.min_duration_on,
+        min_duration_off=request.min_duration_off,
+    )
+    return DiarizationRequest(
+        path=request.dst,
+        settings=settings,
+        include_text=request.include_text,
+        language=resolve_language(request.language),
+        model_identity=request.ModelIdentity,
+    )
+
+
+def to_diarize_response(result: Diarization) -> backend_pb2.DiarizeResponse:
+    """Turns as `DiarizeSegment`s, in seconds, labelled `SPEAKER_NN` in order of first appearance."""
+    segments = [
+        backend_pb2.DiarizeSegment(id=i, start=turn.start, end=turn.end, speaker=turn.speaker, text=text)
+        for i, (turn, text) in enumerate(zip(result.turns, result.texts, strict=True))
+    ]
+    return backend_pb2.DiarizeResponse(
+        segments=segments,
+        num_speakers=len({turn.speaker for turn in result.turns}),
+        duration=result.duration,
+        language=result.language,
+    )
+
+
 def _ns(seconds: float) -> int:
     return round(seconds * NS_PER_SECOND)
 
@@ -147,6 +193,7 @@ def to_result(result: Transcription) -> backend_pb2.TranscriptResult:
             start=_ns(seg.start),
             end=_ns(seg.end),
             text=seg.text,
+            speaker=seg.speaker,
             words=[
                 backend_pb2.TranscriptWord(start=_ns(w.start), end=_ns(w.end), text=w.text)
                 for w in (seg.words if with_words else ())
@@ -276,6 +323,8 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         }
         if status.cuda_bytes:
             breakdown["cuda_allocated"] = status.cuda_bytes
+        if status.diarizer_bytes:
+            breakdown["diarization_weights"] = status.diarizer_bytes
         return backend_pb2.StatusResponse(
             state=_STATES[status.state],
             memory=backend_pb2.MemoryUsageData(total=status.rss_bytes, breakdown=breakdown),
@@ -287,6 +336,19 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     ) -> backend_pb2.TranscriptResult:
         result = self.engine.transcribe(to_request(request), cancelled=lambda: not context.is_active())
         return to_result(result)
+
+    @_unary
+    def Diarize(
+        self, request: backend_pb2.DiarizeRequest, context: grpc.ServicerContext
+    ) -> backend_pb2.DiarizeResponse:
+        result = self.engine.diarize(to_diarization_request(request), cancelled=lambda: not context.is_active())
+        return to_diarize_response(result)
+
+    @_unary
+    def VAD(self, request: backend_pb2.VADRequest, context: grpc.ServicerContext) -> backend_pb2.VADResponse:
+        samples = np.asarray(request.audio, np.float32)
+        runs = self.engine.speech(samples, request.ModelIdentity)
+        return backend_pb2.VADResponse(segments=[backend_pb2.VADSegment(start=a, end=b) for a, b in runs])
 
     @_streaming
     def AudioTranscriptionLive(
