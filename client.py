@@ -4,6 +4,8 @@
 python client.py load /models/Qwen3-ASR-0.6B --option forced_aligner:Qwen/Qwen3-ForcedAligner-0.6B
 python client.py transcribe talk.m4a --timestamps word --format srt
 python client.py transcribe talk.m4a --stream
+python client.py transcribe meeting.m4a --diarize --timestamps word --format srt   # needs diarization:on
+python client.py diarize meeting.m4a --num-speakers 3 --include-text
 python client.py live talk.m4a --param words=true    # streams the file at real-time pace, as a microphone would
 python client.py status
 python client.py free
@@ -55,6 +57,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         timestamp_granularities=[args.timestamps] if args.timestamps else [],
         stream=args.stream,
+        diarize=args.diarize,
     )
     stub = _stub(args.addr)
     if not args.stream:
@@ -62,6 +65,34 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         sys.stdout.write(render(result, args.format))
         return 0
     return _print_deltas(stub.AudioTranscriptionStream(request, metadata=_metadata(), timeout=args.timeout), args)
+
+
+def cmd_diarize(args: argparse.Namespace) -> int:
+    """Diarize: who spoke when, as JSON (seconds), with each turn's text when `--include-text`."""
+    request = backend_pb2.DiarizeRequest(
+        dst=os.path.abspath(args.file),
+        language=args.language,
+        num_speakers=args.num_speakers,
+        min_speakers=args.min_speakers,
+        max_speakers=args.max_speakers,
+        clustering_threshold=args.clustering_threshold,
+        min_duration_on=args.min_duration_on,
+        min_duration_off=args.min_duration_off,
+        include_text=args.include_text,
+    )
+    reply = _stub(args.addr).Diarize(request, metadata=_metadata(), timeout=args.timeout)
+    body = {
+        "num_speakers": reply.num_speakers,
+        "duration": round(reply.duration, 3),
+        "language": reply.language,
+        "segments": [
+            {"id": s.id, "start": round(s.start, 3), "end": round(s.end, 3), "speaker": s.speaker}
+            | ({"text": s.text} if s.text else {})
+            for s in reply.segments
+        ],
+    }
+    print(json.dumps(body, ensure_ascii=False, indent=2))
+    return 0
 
 
 def _print_deltas(messages: Iterable[Any], args: argparse.Namespace) -> int:
@@ -133,8 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--timestamps", choices=["word", "segment"])
     tr.add_argument("--format", choices=["json", "srt", "vtt", "text"], default="json")
     tr.add_argument("--stream", action="store_true", help="print text deltas as windows finish")
+    tr.add_argument("--diarize", action="store_true", help="label speakers (the model needs diarization:on)")
     tr.add_argument("--timeout", type=float, default=None)
     tr.set_defaults(func=cmd_transcribe)
+    dz = sub.add_parser("diarize", help="who spoke when in a file (the model needs diarization:on)")
+    dz.add_argument("file")
+    dz.add_argument("--language", default="")
+    dz.add_argument("--num-speakers", type=int, default=0)
+    dz.add_argument("--min-speakers", type=int, default=0)
+    dz.add_argument("--max-speakers", type=int, default=0)
+    dz.add_argument("--clustering-threshold", type=float, default=0.0)
+    dz.add_argument("--min-duration-on", type=float, default=0.0)
+    dz.add_argument("--min-duration-off", type=float, default=0.0)
+    dz.add_argument("--include-text", action="store_true", help="add each turn's transcript")
+    dz.add_argument("--timeout", type=float, default=None)
+    dz.set_defaults(func=cmd_diarize)
     live = sub.add_parser("live", help="stream a file as live audio (LocalAI's realtime API)")
     live.add_argument("file")
     live.add_argument("--language", default="")

