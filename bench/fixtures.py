@@ -151,6 +151,26 @@ def real_speech(seconds: float, seed: int, *, talk: float = 0.0, pause: float = 
     return out
 
 
+def meeting(seconds: float) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """The committed four-voice meeting fixture (tests/fixtures/speech/meeting.opus) repeated to `seconds` (whole
+    copies, the last one cut), over a -80 dBFS noise floor, with its reference turns `(start, end, speaker)`."""
+    from qwen_asr_worker.audio import load_audio
+
+    layout = json.loads((SPEECH_FIXTURES / "layout.json").read_text(encoding="utf-8"))["meeting.opus"]
+    one = load_audio(str(SPEECH_FIXTURES / "meeting.opus"))
+    total = int(seconds * SAMPLE_RATE)
+    copies = -(-total // len(one))
+    out = np.tile(one, copies)[:total] + (1e-4 * np.random.default_rng(0).standard_normal(total)).astype(np.float32)
+    length = len(one) / SAMPLE_RATE
+    turns = [
+        (start + k * length, min(end + k * length, seconds), speaker)
+        for k in range(copies)
+        for start, end, speaker in layout["turns"]
+        if start + k * length < seconds
+    ]
+    return out.astype(np.float32), turns
+
+
 def quiet_room(seconds: float, seed: int) -> np.ndarray:
     """No speech: a -80 dBFS noise floor, as a quiet room records."""
     return (1e-4 * np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)

@@ -73,8 +73,8 @@ def make_config(args: argparse.Namespace) -> Config:
     """Quick or full settings from the command line."""
     threads = args.threads or fixtures.cores()
     only = frozenset(int(x) for x in args.only.split(",")) if args.only else frozenset()
-    if not only <= set(range(1, 17)):
-        raise SystemExit(f"--only takes figure numbers 1-16, got {args.only!r}")
+    if not only <= set(range(1, 18)):
+        raise SystemExit(f"--only takes figure numbers 1-17, got {args.only!r}")
     omp = "" if args.omp_wait_policy.lower() == "default" else args.omp_wait_policy.upper()
     # What differs between the modes; everything else comes from the command line.
     mode: dict[str, Any] = (
@@ -254,6 +254,7 @@ def rows_for(results: dict[str, Any], config: Config) -> list[Row]:
         _fig14,
         _fig15,
         _fig16,
+        _fig17,
     ):
         try:
             rows.extend(builder(results, config))
@@ -836,6 +837,55 @@ def _fig16(r: dict[str, Any], c: Config) -> list[Row]:
     return rows
 
 
+def _fig17(r: dict[str, Any], c: Config) -> list[Row]:
+    """Speaker diarization: its error rate on the meeting fixture, its cost, and its share of a transcription."""
+    run = r.get("diarization")
+    if not run:
+        return []
+    rows = []
+    for collar, letter in ((0, "a"), (250, "b")):
+        f = run[f"fixture_{collar}"]
+        rows.append(
+            Row(
+                f"17{letter}. Diarization error rate, meeting fixture (4 espeak-ng voices), collar {collar / 1000:g} s",
+                f"{100 * f['der']:.1f} %",
+                "-",
+                f["der"],
+                "≤ 0.10" if collar == 0 else "-",
+                _met(f["der"], 0.10) if collar == 0 else None,
+                f"missed {f['missed']:.2f} s, false alarm {f['false_alarm']:.2f} s, confusion {f['confusion']:.2f} s "
+                f"of {f['total']:.1f} s; {run['fixture_speakers']} speakers found (4 true)",
+            )
+        )
+    hour = 3600 * run["diarize_long_s"] / run["long_audio_s"]
+    rows.append(
+        Row(
+            f"17c. Diarization over {run['long_audio_s'] / 60:g} min (the fixture repeated): seconds per audio hour",
+            secs(hour),
+            "-",
+            None,
+            "-",
+            None,
+            f"DER {100 * run['long']['der']:.1f} % with one label per voice across the file "
+            f"({run['long_speakers']} speakers); peak RSS +{gib(run['peak_rss'] - run['rss_before'])} over "
+            f"{gib(run['rss_before'])}",
+        )
+    )
+    share = run["diarize_share_s"] / run["transcribe_share_s"]
+    rows.append(
+        Row(
+            f"17d. Diarization's share of a transcription with word timestamps, {run['share_audio_s'] / 60:g} min",
+            secs(run["diarize_share_s"]),
+            secs(run["transcribe_share_s"]),
+            share,
+            "≤ 0.25",
+            _met(share, 0.25),
+            f"full 0.6B, {VAD_TOKENS_PER_SECOND} tokens/s, VAD on, aligner attached",
+        )
+    )
+    return rows
+
+
 def header(info: dict[str, Any], config: Config, auto_dtype: str | None) -> str:
     """The machine line above the table."""
     device = config.device
@@ -902,6 +952,15 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
             )
         )
         paths["live_warmup"] = str(fixtures.make_audio("live_warmup_10s", lambda: fixtures.real_speech(10.0, seed=1)))
+    if config.wants(17):
+        for name, minutes in (
+            ("diar_long", 10.0 if config.quick else 60.0),
+            ("diar_share", 3.0 if config.quick else 10.0),
+        ):
+            samples, turns = fixtures.meeting(minutes * 60.0)
+            paths[name] = str(fixtures.make_audio(f"meeting_{minutes:g}min", lambda s=samples: s))
+            paths[f"{name}_turns"] = json.dumps(turns)
+        paths["diar_fixture"] = str(fixtures.SPEECH_FIXTURES / "meeting.opus")
     if config.wants(9):
         if config.vad_model != "asr" and config.vad_model not in kinds:
             runner.run("build_vad", "build", {"kinds": [config.vad_model]}, timeout=3600)
@@ -1033,6 +1092,20 @@ def plan(
                 "extra_options": [f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
             }
             steps.append((f"live_{sessions}", "live_lag", params))
+    if config.wants(17):
+        layout = json.loads((fixtures.SPEECH_FIXTURES / "layout.json").read_text(encoding="utf-8"))
+        params = {
+            **common,
+            "dtype": "auto",
+            "max_new_tokens": 1024,
+            "fixture": paths["diar_fixture"],
+            "fixture_turns": layout["meeting.opus"]["turns"],
+            "long_clip": paths["diar_long"],
+            "long_turns": json.loads(paths["diar_long_turns"]),
+            "share_clip": paths["diar_share"],
+            "extra_options": [f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
+        }
+        steps.append(("diarization", "diarization", params))
     if config.wants(13):
         for side, option in (("stock", "fast_decode:off"), ("fast", "fast_decode:on")):
             params = {

@@ -157,11 +157,13 @@ class Worker:
             raise RuntimeError(f"LoadModel failed: {reply.message}")
         return reply.message
 
-    def transcribe(self, path: str, *, words: bool = False) -> Any:
-        """AudioTranscription of one file (word timestamps when `words`)."""
+    def transcribe(self, path: str, *, words: bool = False, diarize: bool = False) -> Any:
+        """AudioTranscription of one file (word timestamps when `words`, speaker labels when `diarize`)."""
         import backend_pb2
 
-        request = backend_pb2.TranscriptRequest(dst=path, timestamp_granularities=["word"] if words else [])
+        request = backend_pb2.TranscriptRequest(
+            dst=path, timestamp_granularities=["word"] if words else [], diarize=diarize
+        )
         return self.stub.AudioTranscription(request, timeout=3600)
 
     def status(self) -> Any:
@@ -863,7 +865,55 @@ def machine(params: Params) -> Result:
     return fixtures.machine_info()
 
 
+def diarization(params: Params) -> Result:
+    """Figure 17: diarization error rate of the embedded pipeline on the meeting fixture and on it repeated for
+    `long_clip`; the diarizer's own time and peak RSS added over the long file; and its share of a transcription
+    with word timestamps of `share_clip` (full model, real-speech token density), after a warm-up request."""
+    import backend_pb2
+    from qwen_asr_worker.audio import load_audio
+    from qwen_asr_worker.diarization import DiarizeSettings
+    from qwen_asr_worker.speakers import Turn, score
+
+    out: Result = {"asr": params["asr"]}
+    worker = Worker()
+    worker.load(params, "vad:on", "diarization:on", *params.get("extra_options", []))
+    worker.transcribe(params["fixture"], words=True, diarize=True)  # loads the aligner and the diarizer
+    reference = [Turn(a, b, s) for a, b, s in params["fixture_turns"]]
+    reply = worker.stub.Diarize(backend_pb2.DiarizeRequest(dst=params["fixture"]), timeout=600)
+    found = [Turn(seg.start, seg.end, seg.speaker) for seg in reply.segments]
+    for collar in (0.0, 0.25):
+        result = score(reference, found, collar=collar)
+        key = f"fixture_{int(collar * 1000)}"
+        out[key] = {"der": result.der, "missed": result.missed, "false_alarm": result.false_alarm}
+        out[key] |= {"confusion": result.confusion, "total": result.total}
+    out["fixture_speakers"] = reply.num_speakers
+    model = worker.engine.current
+    diarizer = model.acquire_diarizer()
+    try:
+        samples = load_audio(params["long_clip"])
+        gc.collect()
+        out["rss_before"] = rss_bytes()
+        with PeakSampler() as sampler, timed_phase(out, "diarize_long"):
+            turns = diarizer(samples, DiarizeSettings())
+        out["peak_rss"] = sampler.peak
+        out["long_audio_s"] = len(samples) / 16000
+        result = score([Turn(a, b, s) for a, b, s in params["long_turns"]], turns)
+        out["long"] = {"der": result.der, "confusion": result.confusion, "total": result.total}
+        out["long_speakers"] = len({t.speaker for t in turns})
+        share = load_audio(params["share_clip"])
+        with timed_phase(out, "diarize_share"):
+            diarizer(share, DiarizeSettings())
+    finally:
+        model.release_diarizer()
+    out["share_audio_s"] = len(share) / 16000
+    with timed_phase(out, "transcribe_share"):
+        worker.transcribe(params["share_clip"], words=True)
+    worker.close()
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Params], Result]] = {
+    "diarization": diarization,
     "plain": plain,
     "first_timestamps": first_timestamps,
     "serving": serving,
