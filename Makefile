@@ -70,12 +70,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The fast-decode tests first as on a CPU without AVX-512 (oneDNN and ATen capped at AVX2, so oneDNN refuses to pack
-# bf16; our kernels built for Haswell), so a machine with AVX-512 checks that path too; then the whole suite on the
-# CPU as it is.
+# The fast-decode tests and the diarization pipeline's first as on a CPU without AVX-512 (oneDNN and ATen capped at
+# AVX2, so oneDNN refuses to pack bf16; our kernels built for Haswell), so a machine with AVX-512 checks that path
+# too; then the whole suite on the CPU as it is.
 test: install lint
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 QWEN_ASR_KERNEL_MARCH=haswell \
-	  $(PY) -m pytest -q -p no:cacheprovider tests/test_fast_decode.py
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_fast_decode.py tests/test_diarization.py -k "not rpc"
 	$(PY) -m pytest tests test.py
 
 bench-quick: install
