@@ -21,8 +21,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .encoder_cache import EncoderCache
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class AsrJob:
     prefix: str = ""
     prefix_tokens: int = 0
     raw: bool = False
+    encoder_cache: EncoderCache | None = field(default=None, compare=False)  # a live session's finished windows
     future: Future[tuple[str, str]] = field(default_factory=Future, compare=False)
 
 
@@ -82,12 +87,13 @@ class AsrBatcher:
         prefix: str = "",
         prefix_tokens: int = 0,
         raw: bool = False,
+        encoder_cache: EncoderCache | None = None,
     ) -> Future[tuple[str, str]]:
         """Queue one window; the future resolves to `(language, text)` (with `raw`, `(language, raw output)`) or
         to the model's exception."""
         if self._closed:
             raise RuntimeError("batcher is closed")
-        job = AsrJob(samples, context, language, prefix, prefix_tokens, raw)
+        job = AsrJob(samples, context, language, prefix, prefix_tokens, raw, encoder_cache)
         self._queue.put(job)
         return job.future
 

@@ -155,6 +155,7 @@ class Engine:
             fast_decode=opts.fast_decode,
             quantization=opts.quantization,
             bf16_weights=bf16_weights,
+            encoder_attention=opts.encoder_attention,
         )
         model = LoadedModel(spec, asr, device, dtype)
         if opts.preload_aligner and opts.timestamps_enabled:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import diarization, models, runtime, torch_state
+from . import diarization, encoder_cache, models, runtime, torch_state
 from .audio import SAMPLE_RATE
 from .batcher import AsrBatcher, AsrJob
 from .errors import NotReady
@@ -78,6 +78,7 @@ class LoadedModel:
             name=f"asr-batcher-{spec.name or 'model'}",
             max_batch_samples=int(opts.max_batch_seconds * SAMPLE_RATE),
         )
+        self.encoder_reuse = opts.live and encoder_cache.install(asr)  # live passes reuse finished encoder windows
         if opts.aligner_idle_unload > 0:  # the aligner's and the diarizer's
             threading.Thread(target=self._idle_watch, name="aligner-idle", daemon=True).start()
 
@@ -101,7 +102,7 @@ class LoadedModel:
             return [(r.language, r.text) for r in results]
         from qwen_asr.inference.utils import parse_asr_output  # loaded with the model, never at import
 
-        with torch_state.forward_pass():
+        with torch_state.forward_pass(), encoder_cache.use(asr, [job.encoder_cache for job in jobs]):
             outputs = _generate_after_prefix(asr, jobs)
         runtime.trim_heap()
         results = []

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import encoder_cache, runtime, torch_state
 from . import fast_decode as fast_decode_path
-from . import runtime, torch_state
 from .errors import InvalidRequest, shown
 
 if TYPE_CHECKING:
@@ -154,8 +154,13 @@ def load_asr(
     fast_decode: bool = True,
     quantization: str = "none",
     bf16_weights: bool = False,
+    encoder_attention: str = "windowed",
 ) -> Qwen3ASRModel:
     """Load the base Qwen3-ASR model only (no aligner), logging how long it took.
+
+    With `encoder_attention="windowed"` (the default) the audio encoder attends within its 8-s windows as its
+    FlashAttention-2 path and qwen-asr's vLLM backend do (`encoder_cache.windowed_attention`); `"full"` keeps
+    qwen-asr's transformers sdpa/eager behaviour, where every frame attends to the whole input.
 
     With `fast_decode` (or `quantization:int8`), the decoder is switched to the fast CPU path (`fast_decode`),
     which on other devices only trims the prefill logits; without, qwen-asr's stock path runs as is. With
@@ -184,13 +189,16 @@ def load_asr(
         )
     model.model.eval()
     _set_pad_token(model.model)
+    if encoder_attention == "windowed":
+        encoder_cache.windowed_attention(model)
     decode = "stock decode (fast_decode:off)"
     if fast_decode or quantization != "none" or bf16_weights:
         decode = fast_decode_path.accelerate_decoder(
             model.model, device=device, dtype=weights, quantization=quantization, compute=dtype
         )
     log.info(
-        "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB); %s",
+        "loaded Qwen3-ASR %s on %s as %s in %.2f s (%.2f GiB of weights, process RSS %.2f GiB); %s; encoder attention "
+        "%s",
         path,
         device,
         str(dtype).removeprefix("torch.") + (" on bf16 weights" if bf16_weights else ""),
@@ -198,6 +206,7 @@ def load_asr(
         runtime.module_bytes(model.model) / 2**30,
         runtime.rss_bytes() / 2**30,
         decode,
+        "in 8-s windows" if encoder_cache.is_windowed(model) else "over the whole input",
     )
     return model
 

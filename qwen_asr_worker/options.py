@@ -27,6 +27,7 @@ _DTYPE_ALIASES = {
 }
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = ("none", "int8")
+ENCODER_ATTENTION = ("windowed", "full")  # the audio encoder's attention: within its 8-s windows, or all of it
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -65,6 +66,7 @@ class WorkerOptions:
     vad_threshold: float = 0.5
     live: bool = True
     diarization: str | None = None  # None: off; "on": the embedded pipeline; else a pyannote pipeline folder
+    encoder_attention: str = "windowed"
 
     @property
     def vad_settings(self) -> VadSettings:
@@ -191,6 +193,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "vad_threshold": _parse_float(0.0, 1.0, open_low=True, open_high=True),
     "live": _parse_on_off,
     "diarization": _parse_diarization,
+    "encoder_attention": _parse_choice(ENCODER_ATTENTION),
 }
 _ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}
 assert set(_PARSERS) == {f.name for f in fields(WorkerOptions)}
