@@ -788,7 +788,14 @@ def _fig15(r: dict[str, Any], c: Config) -> list[Row]:
                 per_audio / file_per_audio,
                 "-",
                 None,
-                f"live wall {secs(run['live_s'])} for {run['audio_s']:g} s of audio",
+                f"live wall {secs(run['live_s'])} for {run['audio_s']:g} s of audio"
+                + (
+                    f"; encoder windows reused {run['encoder_hits']} of "
+                    f"{run['encoder_hits'] + run['encoder_misses']}, prompt tokens reused {run['reused_tokens']} of "
+                    f"{run['reused_tokens'] + run['prefilled_tokens']}"
+                    if "encoder_hits" in run
+                    else ""
+                ),
             )
         )
     return rows

@@ -811,6 +811,7 @@ def live_lag(params: Params) -> Result:
     step = fixtures.SAMPLE_RATE // 10
     lags: list[list[float]] = [[] for _ in range(params["sessions"])]
     texts: list[str] = [""] * params["sessions"]
+    reuse = {"encoder_hits": 0, "encoder_misses": 0, "reused_tokens": 0, "prefilled_tokens": 0}
 
     def feed(inbox: AudioInbox, fed: list[int]) -> None:
         started = time.monotonic()
@@ -829,6 +830,12 @@ def live_lag(params: Params) -> Result:
                     lags[k].append(fed[0] / fixtures.SAMPLE_RATE - event.final_until)
                 else:
                     texts[k] = event.text
+            cached = live.pass_cache
+            if cached is not None:  # what the passes did not compute again
+                reuse["encoder_hits"] += cached.encoder.hits
+                reuse["encoder_misses"] += cached.encoder.misses
+                reuse["reused_tokens"] += cached.reused_tokens
+                reuse["prefilled_tokens"] += cached.prefilled_tokens
 
     threads = [threading.Thread(target=session, args=(k,)) for k in range(params["sessions"])]
     cpu = _own_cpu_s()
@@ -841,6 +848,8 @@ def live_lag(params: Params) -> Result:
     out["lags_s"] = [round(x, 3) for per in lags for x in per]
     out["deltas"] = [len(per) for per in lags]
     out["text_chars"] = [len(t) for t in texts]
+    out["texts"] = texts
+    out |= reuse
     out["audio_s"] = len(samples) / fixtures.SAMPLE_RATE
     cpu = _own_cpu_s()
     with timed_phase(out, "file"):

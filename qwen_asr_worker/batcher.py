@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .encoder_cache import EncoderCache
+    from .prefill_cache import PassCache
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class AsrJob:
     prefix: str = ""
     prefix_tokens: int = 0
     raw: bool = False
-    encoder_cache: EncoderCache | None = field(default=None, compare=False)  # a live session's finished windows
+    pass_cache: PassCache | None = field(default=None, compare=False)  # a live session's reusable work
     future: Future[tuple[str, str]] = field(default_factory=Future, compare=False)
 
 
@@ -87,13 +87,13 @@ class AsrBatcher:
         prefix: str = "",
         prefix_tokens: int = 0,
         raw: bool = False,
-        encoder_cache: EncoderCache | None = None,
+        pass_cache: PassCache | None = None,
     ) -> Future[tuple[str, str]]:
         """Queue one window; the future resolves to `(language, text)` (with `raw`, `(language, raw output)`) or
         to the model's exception."""
         if self._closed:
             raise RuntimeError("batcher is closed")
-        job = AsrJob(samples, context, language, prefix, prefix_tokens, raw, encoder_cache)
+        job = AsrJob(samples, context, language, prefix, prefix_tokens, raw, pass_cache)
         self._queue.put(job)
         return job.future
 

@@ -127,6 +127,7 @@ class EncoderCache:
         self._windows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.hits = 0  # windows reused
         self.misses = 0  # whole windows encoded
+        self.last_reused = 0  # windows the latest encode reused
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -134,6 +135,7 @@ class EncoderCache:
     def clear(self) -> None:
         """Forget every window (a commit, the session's end)."""
         self._windows = []
+        self.last_reused = 0
 
     def held_bytes(self) -> int:
         """Bytes the cached frames and tokens take."""
@@ -184,6 +186,7 @@ class _Wrapped:
         frames = input_features[:, : int(feature_lens[0])]
         reused = cache.reusable(frames, self.window)
         cache.hits += reused
+        cache.last_reused = reused
         start = reused * self.window
         parts = cache.tokens(reused)
         if start < frames.shape[1]:

@@ -34,11 +34,11 @@ import soxr
 
 from . import runtime, torch_state, vad
 from .audio import RESAMPLE_QUALITY, SAMPLE_RATE
-from .encoder_cache import EncoderCache
 from .errors import Cancelled, InvalidRequest
 from .languages import detected_to_iso, to_iso
 from .options import LiveSettings
 from .pipeline import Granularity, IsCancelled, Transcription, joiner, pad_window, window_words
+from .prefill_cache import PassCache
 from .segments import Segment, Word
 
 if TYPE_CHECKING:
@@ -124,8 +124,9 @@ class LiveSession:
         self._languages: list[str] = []
         self._segments: list[Segment] = []
         self._aligner: Qwen3ForcedAligner | None = None
-        # The open utterance's finished encoder windows (emptied at each commit and at the end).
-        self.encoder_cache = EncoderCache() if model.encoder_reuse else None
+        # The open utterance's reusable work: finished encoder windows and the prompt prefix's keys and values
+        # (emptied at each commit, whenever the audio's start moves, and at the end).
+        self.pass_cache = PassCache() if model.encoder_reuse else None
         self.model_passes = 0
         self.skipped_seconds = 0.0
 
@@ -199,8 +200,8 @@ class LiveSession:
 
     def close(self) -> None:
         """Release the aligner if this session used it, and drop the encoder windows."""
-        if self.encoder_cache is not None:
-            self.encoder_cache.clear()
+        if self.pass_cache is not None:
+            self.pass_cache.clear()
         if self._aligner is not None:
             self._aligner = None
             self.model.release_aligner()
@@ -294,8 +295,8 @@ class LiveSession:
         self._buffer = self._buffer[samples:].copy()
         self._probabilities = self._probabilities[samples // vad.FRAME :].copy()
         self._start += samples
-        if self.encoder_cache is not None:  # the windows start where the buffer does: all of them moved
-            self.encoder_cache.clear()
+        if self.pass_cache is not None:  # the windows start where the buffer does: all of them moved
+            self.pass_cache.clear()
         if skipped:
             self.skipped_seconds += samples / SAMPLE_RATE
 
@@ -309,7 +310,7 @@ class LiveSession:
             prefix=self._raw,
             prefix_tokens=self._raw_tokens,
             raw=True,
-            encoder_cache=self.encoder_cache,
+            pass_cache=self.pass_cache,
         )
         self.model_passes += 1
         while True:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import diarization, encoder_cache, models, runtime, torch_state
+from . import diarization, encoder_cache, models, prefill_cache, runtime, torch_state
 from .audio import SAMPLE_RATE
 from .batcher import AsrBatcher, AsrJob
 from .errors import NotReady
@@ -102,7 +102,7 @@ class LoadedModel:
             return [(r.language, r.text) for r in results]
         from qwen_asr.inference.utils import parse_asr_output  # loaded with the model, never at import
 
-        with torch_state.forward_pass(), encoder_cache.use(asr, [job.encoder_cache for job in jobs]):
+        with torch_state.forward_pass():
             outputs = _generate_after_prefix(asr, jobs)
         runtime.trim_heap()
         results = []
@@ -319,10 +319,24 @@ def _generate_after_prefix(asr: Qwen3ASRModel, jobs: Sequence[AsrJob]) -> list[t
         asr._build_text_prompt(context=job.context, force_language=language) + job.prefix
         for job, language in zip(jobs, languages, strict=True)
     ]
-    inputs = asr.processor(text=prompts, audio=[job.samples for job in jobs], return_tensors="pt", padding=True)
-    inputs = inputs.to(asr.model.device).to(asr.model.dtype)
-    out = asr.model.generate(**inputs, max_new_tokens=asr.max_new_tokens)
-    decoded = asr.processor.batch_decode(
-        out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False
-    )
-    return [(language, job.prefix + text) for job, language, text in zip(jobs, languages, decoded, strict=True)]
+    # A live session's pass with reusable work runs alone (its keys and values are one sequence's); the rest batch.
+    alone = [i for i, job in enumerate(jobs) if job.pass_cache is not None]
+    together = [i for i in range(len(jobs)) if i not in alone]
+    texts: dict[int, str] = {}
+    for group in [[i] for i in alone] + ([together] if together else []):
+        inputs = asr.processor(
+            text=[prompts[i] for i in group], audio=[jobs[i].samples for i in group], return_tensors="pt", padding=True
+        )
+        inputs = inputs.to(asr.model.device).to(asr.model.dtype)
+        cached = jobs[group[0]].pass_cache if len(group) == 1 else None
+        if cached is not None:
+            out = prefill_cache.generate(asr, inputs, cached, asr.max_new_tokens)
+        else:
+            out = asr.model.generate(**inputs, max_new_tokens=asr.max_new_tokens)
+        decoded = asr.processor.batch_decode(
+            out.sequences[:, inputs["input_ids"].shape[1] :],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
+        )
+        texts.update(zip(group, decoded, strict=True))
+    return [(language, job.prefix + texts[i]) for i, (job, language) in enumerate(zip(jobs, languages, strict=True))]

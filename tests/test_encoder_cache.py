@@ -113,6 +113,29 @@ def test_bf16_cached_passes_match(checkpoints: dict[str, Path], meeting: np.ndar
     assert cache.hits >= 2
 
 
+def test_prefilled_prefix_passes_give_the_same_tokens(random_checkpoint: Path, meeting: np.ndarray) -> None:
+    """Passes as a session makes them (growing audio, a growing finalized prefix) through `prefill_cache.generate`
+    give the greedy tokens of a plain `generate` on the same prompt, while reusing most of each prompt."""
+    from qwen_asr_worker import prefill_cache
+
+    asr = _model(random_checkpoint)
+    cached = prefill_cache.PassCache()
+    prefix = ""
+    for seconds in (6.0, 9.0, 12.0, 16.5, 18.0, 24.2):
+        samples = meeting[: round(seconds * SAMPLE_RATE)]
+        prompt = asr._build_text_prompt(context="", force_language="English") + prefix
+        inputs = asr.processor(text=[prompt], audio=[samples], return_tensors="pt", padding=True)
+        inputs = inputs.to(asr.model.dtype)
+        reused = cached.reused_tokens
+        with torch.inference_mode():
+            fast = prefill_cache.generate(asr, inputs, cached, 12).sequences
+            plain = asr.model.generate(**inputs, max_new_tokens=12).sequences
+        assert torch.equal(fast, plain), seconds
+        assert seconds == 6.0 or cached.reused_tokens > reused  # after the first pass: the preamble at least
+        prefix += asr.processor.batch_decode(plain[:, inputs["input_ids"].shape[1] :][:, :3])[0]
+    assert cached.reused_tokens > 2 * 104  # whole encoder windows' audio tokens too, not only the preamble
+
+
 @pytest.fixture
 def live_random(random_checkpoint: Path) -> Iterator[Harness]:
     with serving() as served:
@@ -150,8 +173,8 @@ def test_sessions_free_their_windows_at_commit_and_close(harness: Harness, check
     settings = LiveSettings(chunk_seconds=2.0, max_utterance_seconds=20.0)
     session = LiveSession(model, LiveConfig(None, SAMPLE_RATE, settings), lambda: False)
     samples = load_audio(str(SPEECH_DIR / "meeting.opus"))
-    cache = session.encoder_cache
-    assert cache is not None
+    assert session.pass_cache is not None
+    cache = session.pass_cache.encoder
     held = 0
     for i in range(0, 19 * SAMPLE_RATE, SAMPLE_RATE):
         session.feed(samples[i : i + SAMPLE_RATE])
@@ -159,10 +182,11 @@ def test_sessions_free_their_windows_at_commit_and_close(harness: Harness, check
             session.step()
         held = max(held, len(cache))
     assert held == 2 and cache.hits > 0  # two whole windows of the open utterance, reused by later passes
+    assert session.pass_cache.reused_tokens > 0 and session.pass_cache.cache is not None
     for i in range(19 * SAMPLE_RATE, 22 * SAMPLE_RATE, SAMPLE_RATE):  # past the 20-s cap: committed
         session.feed(samples[i : i + SAMPLE_RATE])
         session.step()
     assert len(cache) <= 1  # the committed utterance's windows are gone; at most the new one's first
     session.close()
-    assert len(cache) == 0 and cache.held_bytes() == 0
+    assert len(cache) == 0 and session.pass_cache.held_bytes() == 0 and session.pass_cache.cache is None
     assert session.result().text.startswith(SENTENCE)
