@@ -319,24 +319,16 @@ def _generate_after_prefix(asr: Qwen3ASRModel, jobs: Sequence[AsrJob]) -> list[t
         asr._build_text_prompt(context=job.context, force_language=language) + job.prefix
         for job, language in zip(jobs, languages, strict=True)
     ]
-    # A live session's pass with reusable work runs alone (its keys and values are one sequence's); the rest batch.
-    alone = [i for i, job in enumerate(jobs) if job.pass_cache is not None]
-    together = [i for i in range(len(jobs)) if i not in alone]
-    texts: dict[int, str] = {}
-    for group in [[i] for i in alone] + ([together] if together else []):
-        inputs = asr.processor(
-            text=[prompts[i] for i in group], audio=[jobs[i].samples for i in group], return_tensors="pt", padding=True
-        )
-        inputs = inputs.to(asr.model.device).to(asr.model.dtype)
-        cached = jobs[group[0]].pass_cache if len(group) == 1 else None
-        if cached is not None:
-            out = prefill_cache.generate(asr, inputs, cached, asr.max_new_tokens)
-        else:
+    inputs = asr.processor(text=prompts, audio=[job.samples for job in jobs], return_tensors="pt", padding=True)
+    inputs = inputs.to(asr.model.device).to(asr.model.dtype)
+    cached = jobs[0].pass_cache if len(jobs) == 1 else None
+    if cached is not None:  # a live pass alone: its prompt's unchanged prefix is not prefilled again
+        out = prefill_cache.generate(asr, inputs, cached, asr.max_new_tokens)
+    else:  # batched (the keys and values kept are one sequence's): live passes still reuse encoder windows
+        caches = [job.pass_cache.encoder if job.pass_cache is not None else None for job in jobs]
+        with encoder_cache.use(asr, caches):
             out = asr.model.generate(**inputs, max_new_tokens=asr.max_new_tokens)
-        decoded = asr.processor.batch_decode(
-            out.sequences[:, inputs["input_ids"].shape[1] :],
-            skip_special_tokens=True,
-            clean_up_tokenization_spaces=False,
-        )
-        texts.update(zip(group, decoded, strict=True))
-    return [(language, job.prefix + texts[i]) for i, (job, language) in enumerate(zip(jobs, languages, strict=True))]
+    decoded = asr.processor.batch_decode(
+        out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    return [(language, job.prefix + text) for job, language, text in zip(jobs, languages, decoded, strict=True)]

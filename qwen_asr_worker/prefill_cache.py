@@ -97,18 +97,18 @@ def generate(asr: Any, inputs: Any, cached: PassCache, max_new_tokens: int) -> t
         if bool(mask.any()):
             embeds = embeds.clone()
             embeds[mask] = audio[skipped : skipped + int(mask.sum())].to(embeds.dtype)
-        span = torch.arange(keep, total - 1).view(1, 1, -1).expand(3, 1, -1)
+        where = torch.arange(keep, total - 1, device=ids.device)
         thinker.model(
             inputs_embeds=embeds,
-            attention_mask=torch.ones((1, total - 1), dtype=torch.long),
-            position_ids=span,
+            attention_mask=torch.ones((1, total - 1), dtype=torch.long, device=ids.device),
+            position_ids=where.view(1, 1, -1).expand(3, 1, -1),
             past_key_values=cache,
             use_cache=True,
-            cache_position=torch.arange(keep, total - 1),
+            cache_position=where,
         )
     cached.reused_tokens += keep
     cached.prefilled_tokens += total - keep
-    thinker.rope_deltas = torch.zeros((1, 1), dtype=torch.long)
+    thinker.rope_deltas = torch.zeros((1, 1), dtype=torch.long, device=ids.device)
     out = asr.model.generate(
         input_ids=ids,
         attention_mask=inputs["attention_mask"],
