@@ -30,7 +30,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import shown
+from .errors import Overloaded, shown
+from .spool import SPILL_BYTES, SpooledAudio, SpoolFull
 
 SAMPLE_RATE = 16000
 
@@ -50,7 +51,7 @@ class AudioError(ValueError):
 
 
 def load_audio(path: str) -> np.ndarray:
-    """Decode a local audio file to 1-D float32 mono samples at 16 kHz, all finite.
+    """Decode a local audio file to 1-D float32 mono samples at 16 kHz, all finite, held in memory.
 
     Channels are averaged; integer PCM is scaled to [-1, 1]. Any file with at least one decodable sample is valid
     and gives at least one sample (shorter than one 16 kHz sample period, it becomes its mean).
@@ -58,6 +59,18 @@ def load_audio(path: str) -> np.ndarray:
     Raises:
         AudioError: the path is a URL, missing, not a regular file, empty or unreadable; nothing in it decodes as
             audio; or it holds NaN or infinite samples.
+    """
+    with open_audio(path, spill_bytes=None) as audio:
+        return audio[:]
+
+
+def open_audio(path: str, spill_bytes: int | None = SPILL_BYTES) -> SpooledAudio:
+    """`load_audio`'s samples as a `SpooledAudio`: past `spill_bytes` of decoded audio (None: never) they go to a
+    temporary file as they are decoded, so a long recording never sits in memory whole. The caller closes it.
+
+    Raises:
+        AudioError: as `load_audio`.
+        Overloaded: the temporary folder cannot take the audio.
     """
     name = shown(path)
     _check_path(path, name)
@@ -71,11 +84,10 @@ def load_audio(path: str) -> np.ndarray:
     except OSError as exc:
         raise AudioError(f"cannot open audio file {name}: {exc.strerror or exc}") from None
     with handle:
-        samples = _decode(name, handle)
-    # After resampling, which spreads a NaN and can overflow huge float samples to infinity.
-    if not np.isfinite(samples).all():
-        raise AudioError(f"{name} contains NaN or infinite samples; re-export it (integer PCM is safest)")
-    return samples
+        try:
+            return _decode(name, handle, spill_bytes)
+        except SpoolFull as exc:
+            raise Overloaded(f"{name}: {exc}") from None
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -86,9 +98,10 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     """
     if rate <= 0:
         raise AudioError(f"invalid sample rate {rate} Hz")
-    collector = _To16k()
+    collector = _To16k(SpooledAudio(spill_bytes=None))
     collector.add(samples, rate)
-    return collector.result()
+    with collector.result() as out:
+        return out[:]
 
 
 def duration_seconds(samples: np.ndarray) -> float:
@@ -97,12 +110,13 @@ def duration_seconds(samples: np.ndarray) -> float:
 
 
 class _To16k:
-    """Mono chunks at any rate in, one 16 kHz float32 array out; each chunk is resampled as it arrives."""
+    """Mono chunks at any rate in, 16 kHz float32 samples out into a `SpooledAudio`; each chunk is resampled as
+    it arrives."""
 
     _HEAD = 64  # input samples kept to stand for audio too short to give a 16 kHz sample
 
-    def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
+    def __init__(self, out: SpooledAudio) -> None:
+        self.out = out
         self._rate = SAMPLE_RATE
         self._stream: soxr.ResampleStream | None = None
         self._head = np.zeros(0, np.float32)
@@ -116,18 +130,21 @@ class _To16k:
                 self._stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
         if len(self._head) < self._HEAD:
             self._head = np.concatenate([self._head, chunk[: self._HEAD]])
-        self._chunks.append(chunk if self._stream is None else self._stream.resample_chunk(chunk))
+        self._put(chunk if self._stream is None else self._stream.resample_chunk(chunk))
 
-    def result(self) -> np.ndarray:
+    def result(self) -> SpooledAudio:
+        """The samples so far, finished (at least one when any input came)."""
         self._finish_run()
-        out = _join(self._chunks)
-        if out.size == 0 and self._head.size:
-            return np.array([self._head.mean(dtype=np.float64)], np.float32)
-        return out
+        if len(self.out) == 0 and self._head.size:
+            self._put(np.array([self._head.mean(dtype=np.float64)], np.float32))
+        return self.out.finish()
+
+    def _put(self, samples: np.ndarray) -> None:
+        self.out.append(samples)
 
     def _finish_run(self) -> None:
         if self._stream is not None:
-            self._chunks.append(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
+            self._put(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
             self._stream = None
 
 
@@ -159,22 +176,21 @@ def _check_path(path: str, name: str) -> None:
         raise AudioError(f"audio file {name} is empty (0 bytes); the upload may have failed, send it again")
 
 
-def _decode(name: str, handle: IO[bytes]) -> np.ndarray:
+def _decode(name: str, handle: IO[bytes], spill_bytes: int | None) -> SpooledAudio:
     """Mono float32 samples at 16 kHz, from libsndfile or else FFmpeg; `name` is the path for messages."""
-    first = _read_soundfile(handle)
-    if first is not None and first.size:
-        return first
+    first = _read_soundfile(handle, spill_bytes)
+    if first is not None and len(first):
+        return _checked(name, first)
     handle.seek(0)
     try:
-        second = _read_pyav(name, handle)
+        second = _read_pyav(name, handle, spill_bytes)
     except AudioError:
         if first is not None:  # libsndfile knew the format; its "no samples" is the better answer
             second = None
         else:
             raise
-    for decoded in (second, first):
-        if decoded is not None and decoded.size:
-            return decoded
+    if second is not None and len(second):
+        return _checked(name, second)
     if first is None and second is None:
         raise AudioError(
             f"could not decode {name}: not a supported audio format (tried libsndfile and FFmpeg); "
@@ -183,13 +199,21 @@ def _decode(name: str, handle: IO[bytes]) -> np.ndarray:
     raise AudioError(f"{name} contains no audio samples (only a header, or the recording is empty)")
 
 
-def _read_soundfile(handle: IO[bytes]) -> np.ndarray | None:
+def _checked(name: str, audio: SpooledAudio) -> SpooledAudio:
+    # After resampling, which spreads a NaN and can overflow huge float samples to infinity.
+    if not audio.finite:
+        audio.close()
+        raise AudioError(f"{name} contains NaN or infinite samples; re-export it (integer PCM is safest)")
+    return audio
+
+
+def _read_soundfile(handle: IO[bytes], spill_bytes: int | None = None) -> SpooledAudio | None:
     """Decode with libsndfile to 16 kHz mono, or None when it does not know the format."""
     try:
         sound = sf.SoundFile(handle)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError):
         return None
-    collector = _To16k()
+    collector = _To16k(SpooledAudio(spill_bytes))
     read_any = False
     with sound:
         rate, channels = int(sound.samplerate), int(sound.channels)
@@ -206,15 +230,17 @@ def _read_soundfile(handle: IO[bytes]) -> np.ndarray | None:
                     break
                 with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf input is refused after decoding
                     mono = block @ weights if channels > 1 else block[:, 0]
+                del block
                 collector.add(mono, rate)
                 read_any = True
         except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
             if not read_any:
+                collector.out.close()
                 return None
     return collector.result()
 
 
-def _read_pyav(name: str, handle: IO[bytes]) -> np.ndarray | None:
+def _read_pyav(name: str, handle: IO[bytes], spill_bytes: int | None = None) -> SpooledAudio | None:
     """Decode the first audio stream with FFmpeg to 16 kHz mono, or None when FFmpeg cannot open the file."""
     import av  # imported on first use: most uploads never need FFmpeg
 
@@ -229,11 +255,14 @@ def _read_pyav(name: str, handle: IO[bytes]) -> np.ndarray | None:
                 "send an audio file, or a video with a sound track"
             )
         stream = container.streams.audio[0]
-        collector = _To16k()
+        collector = _To16k(SpooledAudio(spill_bytes))
         if not _decode_stream(container, stream, collector):
+            collector.out.close()
             return None
         declared = stream.duration * stream.time_base if stream.duration and stream.time_base else None
-    return _trim_padding(collector.result(), declared)
+    audio = collector.result()
+    audio.truncate(_trimmed_length(len(audio), declared))
+    return audio
 
 
 def _decode_stream(container: Any, stream: Any, collector: _To16k) -> bool:
@@ -272,21 +301,13 @@ def _frame_to_mono(frame: Any) -> np.ndarray:
     return data.mean(axis=0, dtype=np.float32)
 
 
-def _trim_padding(samples: np.ndarray, declared: Fraction | None) -> np.ndarray:
-    """Drop codec padding beyond the duration (seconds) the container states. A larger excess means the header is
-    wrong, and then the decoded audio wins."""
+def _trimmed_length(length: int, declared: Fraction | None) -> int:
+    """The decoded length without codec padding beyond the duration (seconds) the container states. A larger
+    excess means the header is wrong, and then the decoded audio wins."""
     if declared is None:
-        return samples
+        return length
     expected = round(declared * SAMPLE_RATE)
-    excess = len(samples) - expected
+    excess = length - expected
     if expected > 0 and 0 < excess <= _MAX_PADDING_SECONDS * SAMPLE_RATE:
-        return samples[:expected]
-    return samples
-
-
-def _join(chunks: list[np.ndarray]) -> np.ndarray:
-    if not chunks:
-        return np.zeros(0, np.float32)
-    if len(chunks) == 1:
-        return chunks[0].astype(np.float32, copy=False)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+        return expected
+    return length

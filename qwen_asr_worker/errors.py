@@ -37,5 +37,10 @@ class Unsupported(WorkerError):
     """This worker or its model cannot do what was asked (live transcription turned off): UNIMPLEMENTED."""
 
 
+class Overloaded(WorkerError):
+    """The worker holds as much as its limits allow (audio memory, temporary disk): RESOURCE_EXHAUSTED, with the
+    limit and the option that sets it."""
+
+
 class Cancelled(WorkerError):
     """The client went away or its deadline passed; the work stopped at the next window."""

@@ -33,7 +33,7 @@ from .engine import (
     Transcription,
     TranscriptionRequest,
 )
-from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported, shown
+from .errors import Cancelled, InvalidRequest, ModelIdentityMismatch, NotReady, Overloaded, Unsupported, shown
 from .languages import LanguageError, resolve_language
 from .live import AudioInbox, LiveConfig, LiveUpdate, check_sample_rate, drive
 from .models import resolve_reference
@@ -63,6 +63,8 @@ def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc
         return grpc.StatusCode.UNIMPLEMENTED, str(exc)
     if isinstance(exc, ModelIdentityMismatch):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Cancelled):
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= 0
