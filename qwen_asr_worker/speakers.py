@@ -60,15 +60,15 @@ def tidy_turns(turns: Sequence[Turn], *, min_duration_on: float = 0.0, min_durat
     for turn in sorted(turns, key=lambda t: (t.start, t.end)):
         if turn.end <= turn.start:
             continue
+        if merged and turn.start < merged[-1].end and merged[-1].speaker != turn.speaker:
+            last = merged[-1]  # another speaker starts before this one ends: cut there
+            merged[-1] = Turn(last.start, turn.start, last.speaker)
+            if merged[-1].duration <= 0:  # cut away whole: the turn before it may be this speaker's
+                merged.pop()
         if merged and merged[-1].speaker == turn.speaker and turn.start - merged[-1].end <= min_duration_off:
             last = merged[-1]
             merged[-1] = Turn(last.start, max(last.end, turn.end), last.speaker)
             continue
-        if merged and turn.start < merged[-1].end:  # another speaker starts before this one ends: cut there
-            last = merged[-1]
-            merged[-1] = Turn(last.start, turn.start, last.speaker)
-            if merged[-1].duration <= 0:
-                merged.pop()
         merged.append(turn)
     kept = [t for t in merged if t.duration >= min_duration_on]
     return renumber(kept)
