@@ -13,7 +13,8 @@ Three things are deliberate:
   cannot open anything else: a playlist (HLS, ffconcat) inside the upload would make it fetch other URLs.
 * Memory stays near one copy of the 16 kHz result: each block (or decoded frame) is mixed down to mono and
   resampled as it arrives, soxr carrying its filter state across blocks (the output equals resampling the whole
-  at once), and the 16 kHz pieces are concatenated once. A 48 kHz stereo hour never exists at 48 kHz.
+  at once), and the 16 kHz pieces are concatenated once (`open_audio` can instead move them to a temporary file
+  past `spill_bytes`: `spool.py`). A 48 kHz stereo hour never exists at 48 kHz.
 * A damaged file gives what can be decoded. A truncated WAV yields its first part; FFmpeg skips packets it cannot
   decode. Only a file from which nothing decodes is an error.
 """
@@ -130,21 +131,18 @@ class _To16k:
                 self._stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
         if len(self._head) < self._HEAD:
             self._head = np.concatenate([self._head, chunk[: self._HEAD]])
-        self._put(chunk if self._stream is None else self._stream.resample_chunk(chunk))
+        self.out.append(chunk if self._stream is None else self._stream.resample_chunk(chunk))
 
     def result(self) -> SpooledAudio:
         """The samples so far, finished (at least one when any input came)."""
         self._finish_run()
         if len(self.out) == 0 and self._head.size:
-            self._put(np.array([self._head.mean(dtype=np.float64)], np.float32))
+            self.out.append(np.array([self._head.mean(dtype=np.float64)], np.float32))
         return self.out.finish()
-
-    def _put(self, samples: np.ndarray) -> None:
-        self.out.append(samples)
 
     def _finish_run(self) -> None:
         if self._stream is not None:
-            self._put(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
+            self.out.append(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
             self._stream = None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 from typing import IO
 
 import numpy as np
@@ -61,21 +60,14 @@ class SpooledAudio:
         self._length += block.size
 
     def truncate(self, length: int) -> None:
-        """Keep only the first `length` samples (codec padding past a container's stated duration)."""
+        """Keep only the first `length` samples (codec padding past a container's stated duration), once finished."""
+        if not self._finished:
+            raise RuntimeError("SpooledAudio.truncate before finish")
         length = max(0, min(length, self._length))
         if self._file is not None:
             self._file.truncate(length * _ITEM)
         elif self._array is not None:
             self._array = self._array[:length]
-        else:
-            kept: list[np.ndarray] = []
-            left = length
-            for chunk in self._chunks:
-                if left <= 0:
-                    break
-                kept.append(chunk[:left])
-                left -= len(chunk)
-            self._chunks = kept
         self._length = length
 
     def finish(self) -> SpooledAudio:
@@ -125,12 +117,6 @@ class SpooledAudio:
             done += got
         return out
 
-    def blocks(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """`(offset, samples)` for consecutive blocks of at most `size` samples over `[start, stop)`."""
-        stop = self._length if stop is None else min(stop, self._length)
-        for offset in range(start, stop, size):
-            yield offset, self.read(offset, min(offset + size, stop))
-
     def close(self) -> None:
         """Free the memory or the temporary file."""
         self._chunks, self._array = [], None
@@ -160,35 +146,6 @@ class SpooledAudio:
             self._file.write(memoryview(block).cast("B"))
         except OSError as exc:
             raise SpoolFull(_spool_message(self._directory, exc)) from None
-
-
-class AudioSpan:
-    """Samples `[start, stop)` of a longer audio (an array or `SpooledAudio`) read as if they were the whole:
-    `len(span)` and `span[a:b]` without copying the rest."""
-
-    def __init__(self, audio: np.ndarray | SpooledAudio, start: int, stop: int) -> None:
-        self.audio, self.start, self.stop = audio, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("AudioSpan reads contiguous slices only")
-        start, stop, _ = key.indices(len(self))
-        return self.audio[self.start + start : self.start + max(start, stop)]
-
-
-Samples = np.ndarray | SpooledAudio | AudioSpan  # what readers of 16-kHz audio take: len() and [a:b] slices
-
-
-def span(audio: Samples, start: int, stop: int) -> Samples:
-    """`audio[start:stop]` without reading it: a view of an array, an `AudioSpan` of anything else."""
-    if isinstance(audio, np.ndarray):
-        return audio[start:stop]
-    if isinstance(audio, AudioSpan):
-        return AudioSpan(audio.audio, audio.start + start, audio.start + stop)
-    return AudioSpan(audio, start, stop)
 
 
 def _spool_message(directory: str | None, exc: OSError) -> str:
