@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .audio import SAMPLE_RATE
+from .spool import Samples
 
 if TYPE_CHECKING:
     from .vad import SpeechRegion  # vad imports torch; planning windows needs only numpy
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 _SMOOTH_MS = 100.0  # frame energies are averaged over 100 ms: shorter dips are not pauses
 _MIN_LAST_SECONDS = 1.0
 _TIE_TOLERANCE = 1e-3  # energies within 0.1 % of the minimum count as equally quiet
+_ENERGY_BLOCK = 1 << 20  # samples read at a time for frame energies: 4 MB, whatever the file's length
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Window:
 
 
 def plan_windows(
-    samples: np.ndarray,
+    samples: Samples,
     *,
     max_seconds: float = 180.0,
     search_seconds: float = 5.0,
@@ -75,21 +77,34 @@ def plan_windows(
     The windows cover every sample exactly once, in order: the first starts at 0, the last ends at
     `len(samples)`, each ends where the next starts. Audio of at most `max_seconds` is one window (empty audio
     gives the single empty window `Window(0, 0)`). Each cut lies within `[limit - search_seconds, limit]`, where
-    `limit` is where the window would reach `max_seconds`.
+    `limit` is where the window would reach `max_seconds`. The audio is read in blocks, never whole.
 
     Raises:
         ValueError: unless `max_seconds > search_seconds > 0`, `frame_ms > 0` and `sample_rate > 0`.
     """
+    return _tile(samples, 0, len(samples), max_seconds, search_seconds, sample_rate, frame_ms)
+
+
+def _tile(
+    samples: Samples,
+    begin: int,
+    end: int,
+    max_seconds: float,
+    search_seconds: float,
+    sample_rate: int = SAMPLE_RATE,
+    frame_ms: float = 25.0,
+) -> list[Window]:
+    """`plan_windows` over the stretch `[begin, end)` of `samples`, in the file's own sample positions."""
     if not 0 < search_seconds < max_seconds:
         raise ValueError(f"need 0 < search_seconds < max_seconds, got {search_seconds} and {max_seconds}")
     if not (frame_ms > 0 and sample_rate > 0):
         raise ValueError(f"need frame_ms > 0 and sample_rate > 0, got {frame_ms} and {sample_rate}")
-    total = len(samples)
+    total = end - begin
     max_len = max(1, int(max_seconds * sample_rate))
     if total <= max_len:
-        return [Window(0, total)]
+        return [Window(begin, end)]
     frame = max(1, round(frame_ms * sample_rate / 1000))
-    quietness = _smooth(_frame_energy(samples, frame), max(1, round(_SMOOTH_MS / frame_ms)))
+    quietness = _smooth(_frame_energy(samples, frame, begin, end), max(1, round(_SMOOTH_MS / frame_ms)))
     search = int(search_seconds * sample_rate)
     min_last = int(_MIN_LAST_SECONDS * sample_rate)
     windows: list[Window] = []
@@ -100,35 +115,43 @@ def plan_windows(
         # Leave the last window at least min_last samples when the search range reaches that far back.
         high = min(limit, total - min_last) if total - min_last > low else limit
         cut = _quietest_point(quietness, frame, low, high)
-        windows.append(Window(start, cut if cut > start else limit))
-        start = windows[-1].end
-    windows.append(Window(start, total))
+        windows.append(Window(begin + start, begin + (cut if cut > start else limit)))
+        start = windows[-1].end - begin
+    windows.append(Window(begin + start, end))
     return windows
 
 
 def plan_speech_windows(
-    samples: np.ndarray, regions: list[SpeechRegion], *, max_seconds: float = 180.0, search_seconds: float = 5.0
+    samples: Samples, regions: list[SpeechRegion], *, max_seconds: float = 180.0, search_seconds: float = 5.0
 ) -> list[Window]:
     """Windows over the speech regions only: each region is one window, or, when longer than `max_seconds`,
-    is tiled by `plan_windows` (cuts at the quietest points). Nothing outside the regions is covered; no regions
-    give no windows. Each window records the span of speech it holds."""
+    is tiled as `plan_windows` tiles a file (cuts at the quietest points, frames counted from the region's
+    start). Nothing outside the regions is covered; no regions give no windows. Each window records the span
+    of speech it holds."""
     windows: list[Window] = []
     for region in regions:
-        for piece in plan_windows(
-            samples[region.start : region.end], max_seconds=max_seconds, search_seconds=search_seconds
-        ):
-            start, end = region.start + piece.start, region.start + piece.end
-            speech_start = min(max(start, region.speech_start), end)
-            windows.append(Window(start, end, speech_start, max(speech_start, min(end, region.speech_end))))
+        for piece in _tile(samples, region.start, region.end, max_seconds, search_seconds):
+            speech_start = min(max(piece.start, region.speech_start), piece.end)
+            windows.append(
+                Window(piece.start, piece.end, speech_start, max(speech_start, min(piece.end, region.speech_end)))
+            )
     return windows
 
 
-def _frame_energy(samples: np.ndarray, frame: int) -> np.ndarray:
-    """Mean square per frame, in one vectorised pass (the tail shorter than a frame is never a cut candidate).
-    NaN counts as infinitely loud, so it is never chosen and never breaks the search."""
-    usable = len(samples) // frame * frame
-    frames = np.asarray(samples[:usable], dtype=np.float32).reshape(-1, frame)
-    energy = np.einsum("ij,ij->i", frames, frames).astype(np.float64) / frame
+def _frame_energy(samples: Samples, frame: int, begin: int = 0, end: int | None = None) -> np.ndarray:
+    """Mean square per frame of `[begin, end)`, frames counted from `begin`, read `_ENERGY_BLOCK` samples at a
+    time (the tail shorter than a frame is never a cut candidate). Each frame's sum is the same whatever the
+    block. NaN counts as infinitely loud, so it is never chosen and never breaks the search."""
+    end = len(samples) if end is None else end
+    count = max(0, end - begin) // frame
+    energy = np.empty(count, np.float64)
+    step = max(1, _ENERGY_BLOCK // frame)
+    for first in range(0, count, step):
+        last = min(count, first + step)
+        block = np.asarray(samples[begin + first * frame : begin + last * frame], dtype=np.float32)
+        rows = block.reshape(last - first, frame)
+        energy[first:last] = np.einsum("ij,ij->i", rows, rows)
+    energy /= frame
     return np.nan_to_num(energy, nan=np.inf, posinf=np.inf)
 
 

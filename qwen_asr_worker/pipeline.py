@@ -11,6 +11,7 @@ import enum
 import logging
 import time
 import unicodedata
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import runtime, torch_state, vad
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, open_audio
 from .chunking import Window, plan_speech_windows, plan_windows
 from .diarization import DiarizeSettings
 from .errors import Cancelled
@@ -28,6 +29,7 @@ from .languages import detected_to_iso, to_iso
 from .options import WorkerOptions
 from .segments import Segment, Word, build_segments, repair_times
 from .speakers import Turn, speaker_at, word_speakers
+from .spool import SPILL_BYTES, Samples
 
 if TYPE_CHECKING:
     from qwen_asr import Qwen3ForcedAligner
@@ -100,45 +102,102 @@ class RequestRun:
         self.progressive = progressive
         self.opts = model.spec.options
         self.want_timestamps = request.granularity is not Granularity.NONE
+        self.spill_bytes = SPILL_BYTES  # decoded audio past this goes to a temporary file
 
     def events(self) -> Iterator[str | Transcription]:
         started = time.perf_counter()
         self._note_served_defaults()
         if self.want_timestamps and not self.opts.timestamps_enabled:
             self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
-        samples = load_audio(self.request.path)
-        duration = len(samples) / SAMPLE_RATE
-        diarizing = self.request.diarize and self.opts.diarization is not None
-        probabilities = vad.frame_probabilities(samples) if self.opts.vad or diarizing else None
-        windows = plan_request(samples, self.opts, probabilities)
-        text = ""
-        languages: list[str] = []
-        pieces: list[tuple[Window, str]] = []
-        words: list[Word] = []
-        aligner = None
-        try:
-            for group in self._groups(windows):
-                self._check_cancelled()
-                futures = [self._submit(samples, w) for w in group]
-                if self.want_timestamps and aligner is None:
-                    aligner = self.model.acquire_aligner()  # loads while the batcher runs the ASR
-                results = self._wait_all(futures)
-                for window, (language, piece) in zip(group, results, strict=True):
+        with open_audio(self.request.path, spill_bytes=self.spill_bytes) as samples:
+            duration = len(samples) / SAMPLE_RATE
+            diarizing = self.request.diarize and self.opts.diarization is not None
+            probabilities = vad.frame_probabilities(samples) if self.opts.vad or diarizing else None
+            windows = plan_request(samples, self.opts, probabilities)
+            text = ""
+            languages: list[str] = []
+            pieces: list[tuple[Window, str]] = []
+            words: list[Word] = []
+            to_align: list[tuple[Window, str, str]] = []
+            aligner: list[Qwen3ForcedAligner] = []  # acquired once the first window is queued, if asked
+
+            def load_aligner() -> None:
+                if self.want_timestamps:
+                    aligner.append(self.model.acquire_aligner())  # loads while the batcher runs the ASR
+
+            try:
+                for window, (language, piece) in self._results(samples, windows, load_aligner):
                     languages.append(language)
                     delta = joiner(text, piece) + piece if piece else ""
                     text += delta
                     pieces.append((window, piece))
                     if self.progressive and delta:
                         yield delta
-                if aligner is not None:
-                    words.extend(self._align(aligner, samples, group, results))
-        finally:
-            if aligner is not None:
-                self.model.release_aligner()
-        turns = self._diarize(samples, probabilities)
+                    if aligner and piece.strip():
+                        if self._align_full(to_align, window):
+                            words.extend(self._align(aligner[0], samples, to_align))
+                            to_align = []
+                        to_align.append((window, language, piece))
+                if aligner and to_align:
+                    words.extend(self._align(aligner[0], samples, to_align))
+            finally:
+                if aligner:
+                    self.model.release_aligner()
+            turns = self._diarize(samples, probabilities)
         result = self._result(text, languages, words, duration, pieces, turns)
         self._log(result, windows, time.perf_counter() - started)
         yield result
+
+    def _align_full(self, todo: list[tuple[Window, str, str]], window: Window) -> bool:
+        """Whether `window` would take the aligner's next call past `max_batch_size` windows or
+        `max_batch_seconds` of audio: the aligner runs a call's windows as one padded batch, so its memory grows
+        with them."""
+        if not todo:
+            return False
+        audio = sum(w.end - w.start for w, _, _ in todo) + window.end - window.start
+        return len(todo) >= self.opts.max_batch_size or audio > self.opts.max_batch_seconds * SAMPLE_RATE
+
+    def _results(
+        self, samples: Samples, windows: list[Window], after_first: Callable[[], None]
+    ) -> Iterator[tuple[Window, tuple[str, str]]]:
+        """Each window with its `(language, text)`, in order; `after_first` runs once the first is queued.
+
+        Windows are read and queued ahead of the one awaited, up to `max_batch_size` more and two batches' audio
+        (`max_batch_seconds`), so the batcher has a full batch to run while only those windows' samples are in
+        memory. A stream's first window runs alone, for an early first delta. Leaving early (an error, a
+        cancel, a closed stream) cancels what is still queued.
+        """
+        ahead = max(1, self.opts.max_batch_size)
+        longest = max((w.end - w.start for w in windows), default=0)
+        budget = max(2 * self.opts.max_batch_seconds * SAMPLE_RATE, longest)
+        queued: deque[tuple[Window, Future[tuple[str, str]]]] = deque()
+        audio = 0
+        try:
+            for i, window in enumerate(windows):
+                self._check_cancelled()
+                while queued and (len(queued) > ahead or audio + window.end - window.start > budget):
+                    done, future = queued[0]
+                    result = self._wait(future, queued)
+                    queued.popleft()
+                    audio -= done.end - done.start
+                    yield done, result
+                queued.append((window, self._submit(samples, window)))
+                audio += window.end - window.start
+                if i == 0:
+                    after_first()
+                    if self.progressive:
+                        result = self._wait(queued[0][1], queued)
+                        done, _ = queued.popleft()
+                        audio -= done.end - done.start
+                        yield done, result
+            while queued:
+                done, future = queued[0]
+                result = self._wait(future, queued)
+                queued.popleft()
+                yield done, result
+        finally:
+            for _, pending in queued:
+                pending.cancel()
 
     def _note_served_defaults(self) -> None:
         """LocalAI's HTTP API sends `diarize=true` unless the form says `false`, and OpenAI clients may send a
@@ -176,7 +235,7 @@ class RequestRun:
             result.language or "-",
         )
 
-    def _diarize(self, samples: np.ndarray, probabilities: np.ndarray | None) -> tuple[Turn, ...]:
+    def _diarize(self, samples: Samples, probabilities: np.ndarray | None) -> tuple[Turn, ...]:
         """Who spoke when, for a request that asked (`diarize`) on a model loaded with diarization; the VAD's
         frame probabilities are the ones the windows were planned from."""
         if not self.request.diarize or self.opts.diarization is None:
@@ -184,23 +243,11 @@ class RequestRun:
         self._check_cancelled()
         diarizer = self.model.acquire_diarizer()
         try:
-            return tuple(diarizer(samples, self.request.speakers, probabilities))
+            return tuple(diarizer(samples[:], self.request.speakers, probabilities))
         finally:
             self.model.release_diarizer()
 
-    def _groups(self, windows: list[Window]) -> Iterator[list[Window]]:
-        """All windows at once, or for a stream the first alone (an early first delta), then batches."""
-        if not windows:
-            return
-        if not self.progressive:
-            yield windows
-            return
-        yield windows[:1]
-        size = max(1, self.opts.max_batch_size)
-        for i in range(1, len(windows), size):
-            yield windows[i : i + size]
-
-    def _submit(self, samples: np.ndarray, window: Window) -> Future[tuple[str, str]]:
+    def _submit(self, samples: Samples, window: Window) -> Future[tuple[str, str]]:
         return self.model.batcher.submit(
             pad_window(samples[window.start : window.end]), self.request.context, self.request.language
         )
@@ -209,31 +256,19 @@ class RequestRun:
         if self.cancelled():
             raise Cancelled("the client cancelled the request or its deadline passed")
 
-    def _wait_all(self, futures: list[Future[tuple[str, str]]]) -> list[tuple[str, str]]:
-        """Wait for a group's windows in order, polling for cancellation; a cancel drops the queued ones."""
-        results = []
-        for future in futures:
-            while True:
-                try:
-                    results.append(future.result(timeout=_POLL_S))
-                    break
-                except FutureTimeout:
-                    if self.cancelled():
-                        for pending in futures:
-                            pending.cancel()
-                        raise Cancelled("the client cancelled the request or its deadline passed") from None
-        return results
+    def _wait(
+        self, future: Future[tuple[str, str]], queued: deque[tuple[Window, Future[tuple[str, str]]]]
+    ) -> tuple[str, str]:
+        """Wait for one window's result, polling for cancellation (the caller cancels what is queued)."""
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except FutureTimeout:
+                if self.cancelled():
+                    raise Cancelled("the client cancelled the request or its deadline passed") from None
 
-    def _align(
-        self,
-        aligner: Qwen3ForcedAligner,
-        samples: np.ndarray,
-        group: list[Window],
-        results: list[tuple[str, str]],
-    ) -> list[Word]:
-        todo = [(w, lang, piece) for w, (lang, piece) in zip(group, results, strict=True) if piece.strip()]
-        if not todo:
-            return []
+    def _align(self, aligner: Qwen3ForcedAligner, samples: Samples, todo: list[tuple[Window, str, str]]) -> list[Word]:
+        """Word times for windows with text, in one aligner call."""
         self._check_cancelled()
         with torch_state.forward_pass():
             aligned = aligner.align(
@@ -283,7 +318,7 @@ class RequestRun:
         return Transcription(text, language, duration, tuple(segments), self.request.granularity, turns)
 
 
-def plan_request(samples: np.ndarray, opts: WorkerOptions, probabilities: np.ndarray | None = None) -> list[Window]:
+def plan_request(samples: Samples, opts: WorkerOptions, probabilities: np.ndarray | None = None) -> list[Window]:
     """The windows a request sends to the model: the whole file, or with voice activity detection only its speech
     (from the VAD's frame `probabilities` when the caller has them already).
 

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 
 SPILL_BYTES = 32 << 20  # about 8.7 minutes of 16-kHz audio stays in memory; longer files go to disk
 _ITEM = np.dtype(np.float32).itemsize
+
+
+class Samples(Protocol):
+    """What the request pipeline reads audio through: a length and contiguous slices (a NumPy array, or a
+    `SpooledAudio`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice) -> np.ndarray: ...
 
 
 class SpoolFull(Exception):

@@ -10,7 +10,8 @@ where OpenMP threads sleep between the tiny calls (OMP_WAIT_POLICY=PASSIVE). So 
 `_MAX_ROWS` equal rows of at least `_MIN_ROW_SECONDS`, each starting `_WARMUP_SECONDS` early so that its recurrent
 state has settled when its own frames begin, and the rows run side by side as one batch, one frame step at a time:
 20 minutes take well under a second, with region edges within a frame of the one-row run. A step copies one frame
-per row into the batch; the file itself is never copied.
+per row into the batch from a read-ahead of a few frames per row (16 MB in all), so the file is never read or
+copied whole and may lie in a temporary file (`spool.py`).
 
 Regions. Frame probabilities become speech runs through silero-vad's own `get_speech_timestamps_from_probs`
 (threshold with hysteresis, runs under 250 ms dropped, runs closer than `min_silence_seconds` merged). Each run is
@@ -31,6 +32,7 @@ import torch
 
 from . import torch_state
 from .audio import SAMPLE_RATE
+from .spool import Samples
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ FRAME = 512  # samples per Silero frame at 16 kHz
 _MIN_ROW_SECONDS = 5.0
 _WARMUP_SECONDS = 1.0
 _MAX_ROWS = 256
+_READ_BYTES = 16 << 20  # audio read ahead for all rows together: a few frames each, whatever the file's length
 MIN_SPEECH_MS = 250  # silero-vad's default: shorter bursts (a click, a cough) are not speech
 
 _model: Any = None
@@ -137,8 +140,9 @@ class StreamingVad:
         return probabilities
 
 
-def frame_probabilities(samples: np.ndarray) -> np.ndarray:
-    """Silero's speech probability for every 512-sample frame (the last frame zero-padded), float32."""
+def frame_probabilities(samples: Samples) -> np.ndarray:
+    """Silero's speech probability for every 512-sample frame (the last frame zero-padded), float32. `samples`
+    is an array or anything sliced like one (a `SpooledAudio`): it is read a few frames per row at a time."""
     frames = -(-len(samples) // FRAME)
     rows = max(1, min(_MAX_ROWS, frames // round(_MIN_ROW_SECONDS * SAMPLE_RATE / FRAME)))
     row = -(-frames // rows)  # equal rows: as many as there is audio for, each at least _MIN_ROW_SECONDS
@@ -151,30 +155,40 @@ def frame_probabilities(samples: np.ndarray) -> np.ndarray:
 
 
 def _run_rows(
-    model: Any, samples: np.ndarray, starts: np.ndarray, row: int, warmup: int, frames: int, out: np.ndarray
+    model: Any, samples: Samples, starts: np.ndarray, row: int, warmup: int, frames: int, out: np.ndarray
 ) -> None:
     """Run rows of frames side by side; row k covers frames `[starts[k], starts[k] + row)`, after `warmup` frames
-    before it (which only settle the state: their probabilities are dropped)."""
-    whole = len(samples) // FRAME
-    grid = samples[: whole * FRAME].reshape(whole, FRAME)  # a view: no copy of the file
-    tail = np.zeros(FRAME, np.float32)
-    tail[: len(samples) - whole * FRAME] = samples[whole * FRAME :]
+    before it (which only settle the state: their probabilities are dropped). The rows advance together, so
+    every `_READ_STEPS` steps each row's next frames are read at once (past the file's end, zeros)."""
     model.reset_states()
-    batch = np.zeros((len(starts), FRAME), np.float32)
     lead = np.minimum(starts, warmup)  # the first row of a file has no audio before it to warm up on
     begin = starts - lead
-    for step in range(int(lead.max()) + row):
+    steps = int(lead.max()) + row
+    ahead = max(1, min(steps, _READ_BYTES // (len(starts) * FRAME * 4)))
+    block = np.zeros((len(starts), ahead, FRAME), np.float32)
+    batch = np.zeros((len(starts), FRAME), np.float32)
+    for step in range(steps):
         index = begin + step
         live = (index < starts + row) & (index < frames)
         if not live.any():
             break
+        if step % ahead == 0:
+            _read_ahead(samples, index, live, block)
         batch[:] = 0.0
-        full = live & (index < whole)
-        batch[full] = grid[index[full]]
-        batch[live & (index == whole)] = tail
+        batch[live] = block[live, step % ahead]
         probabilities = model(torch.from_numpy(batch), SAMPLE_RATE)[:, 0].numpy()
         keep = live & (index >= starts)
         out[index[keep]] = probabilities[keep]
+
+
+def _read_ahead(samples: Samples, index: np.ndarray, live: np.ndarray, block: np.ndarray) -> None:
+    """Fill `block[k]` with the frames from `index[k]` on for each live row (zeros past the end of the file)."""
+    block[:] = 0.0
+    span = block.shape[1] * FRAME
+    for k in np.flatnonzero(live):
+        first = int(index[k]) * FRAME
+        piece = samples[first : first + span]
+        block[k].reshape(-1)[: len(piece)] = piece
 
 
 def _load() -> Any:
