@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from . import diarization, models, runtime, vad
+from .admission import MIB, AudioBudget
 from .audio import SAMPLE_RATE, load_audio
 from .diarization import DiarizeSettings
-from .errors import InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported
+from .errors import InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported, shown
 from .languages import to_iso
-from .live import LiveConfig, LiveSession
+from .live import LiveConfig, LiveSession, session_bytes
 from .loaded_model import LoadedModel, LoadSpec
 from .pipeline import (  # the request types are re-exported: callers know them as the engine's
     Granularity,
@@ -33,6 +34,7 @@ from .pipeline import (  # the request types are re-exported: callers know them 
     TranscriptionRequest,
     joiner,
     never_cancelled,
+    request_bytes,
 )
 from .speakers import Turn, texts_for_turns
 
@@ -103,6 +105,7 @@ class Engine:
         self._ever_loaded = False
         self._error = ""
         self._inflight = 0
+        self.budget = AudioBudget()  # the audio memory requests and live sessions hold (admission.py)
 
     # --- load / free ----------------------------------------------------------------------------------
     def load(self, spec: LoadSpec) -> LoadedModel:
@@ -116,6 +119,9 @@ class Engine:
             except Exception as exc:
                 self.record_load_failure(str(exc))
                 raise
+            opts = spec.options
+            limit = None if opts.audio_memory_mb is None else opts.audio_memory_mb * MIB
+            self.budget.configure(limit, opts.max_waiting_requests)
             with self._lock:
                 old, self._current = self._current, model
                 self._ever_loaded = True
@@ -245,11 +251,12 @@ class Engine:
                     "words were asked for (params words=true) but timestamps are disabled for this model "
                     "(forced_aligner:none); set the forced_aligner option or drop the words param"
                 )
-            session = LiveSession(model, config, cancelled)
-            try:
-                yield session
-            finally:
-                session.close()
+            with self.budget.hold(session_bytes(config.settings), "a live session", cancelled):
+                session = LiveSession(model, config, cancelled)
+                try:
+                    yield session
+                finally:
+                    session.close()
         finally:
             self._release(model)
 
@@ -266,7 +273,10 @@ class Engine:
         """Yield one text delta per finished window (when `progressive`), then the final `Transcription`."""
         model = self._acquire(request.model_identity)
         try:
-            yield from RequestRun(model, request, cancelled, progressive).events()
+            with self.budget.hold(
+                request_bytes(model.spec.options), f"the request for {shown(request.path)}", cancelled
+            ):
+                yield from RequestRun(model, request, cancelled, progressive).events()
         finally:
             self._release(model)
 
@@ -278,12 +288,13 @@ class Engine:
             if model.spec.options.diarization is None:
                 model.acquire_diarizer()  # raises the "diarization is off" error
             if not request.include_text:
-                samples = load_audio(request.path)
-                diarizer = model.acquire_diarizer()
-                try:
-                    turns = tuple(diarizer(samples, request.settings))
-                finally:
-                    model.release_diarizer()
+                with self.budget.hold(request_bytes(model.spec.options), f"diarizing {shown(request.path)}", cancelled):
+                    samples = load_audio(request.path)
+                    diarizer = model.acquire_diarizer()
+                    try:
+                        turns = tuple(diarizer(samples, request.settings))
+                    finally:
+                        model.release_diarizer()
                 language = to_iso(request.language) if request.language else ""
                 return Diarization(turns, ("",) * len(turns), len(samples) / SAMPLE_RATE, language)
             timed = model.spec.options.timestamps_enabled
@@ -295,9 +306,10 @@ class Engine:
                 speakers=request.settings,
             )
             result = None
-            for event in RequestRun(model, transcription, cancelled, False).events():
-                if isinstance(event, Transcription):
-                    result = event
+            with self.budget.hold(request_bytes(model.spec.options), f"diarizing {shown(request.path)}", cancelled):
+                for event in RequestRun(model, transcription, cancelled, False).events():
+                    if isinstance(event, Transcription):
+                        result = event
             assert result is not None, "a request run always ends with its result"
             pieces = [(s.start, s.end, s.speaker, s.text) for s in result.segments]
             texts = tuple(_joined(parts) for parts in texts_for_turns(result.turns, pieces))

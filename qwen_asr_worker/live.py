@@ -64,6 +64,12 @@ class LiveConfig:
     settings: LiveSettings
 
 
+def session_bytes(settings: LiveSettings) -> int:
+    """The audio memory a live session holds at most, as admission control charges it: its utterance buffer, a
+    pass's copy of it and the encoder's cached output, each at most `max_utterance_seconds` of 16-kHz float32."""
+    return 3 * round(settings.max_utterance_seconds * SAMPLE_RATE) * 4
+
+
 @dataclass(frozen=True)
 class LiveUpdate:
     """Text finalized since the previous update, the words it finalized, and how far into the stream the text

@@ -67,6 +67,8 @@ class WorkerOptions:
     live: bool = True
     diarization: str | None = None  # None: off; "on": the embedded pipeline; else a pyannote pipeline folder
     encoder_attention: str = "windowed"
+    audio_memory_mb: int | None = None  # None: a quarter of the worker's usable memory (admission.py)
+    max_waiting_requests: int = 32  # requests that may wait for audio memory before more are refused
 
     @property
     def vad_settings(self) -> VadSettings:
@@ -194,6 +196,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "live": _parse_on_off,
     "diarization": _parse_diarization,
     "encoder_attention": _parse_choice(ENCODER_ATTENTION),
+    "audio_memory_mb": _parse_int(64),
+    "max_waiting_requests": _parse_int(0, 100_000),
 }
 _ALIASES = {"dtype": "torch_dtype", "aligner": "forced_aligner"}
 assert set(_PARSERS) == {f.name for f in fields(WorkerOptions)}

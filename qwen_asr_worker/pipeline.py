@@ -318,6 +318,14 @@ class RequestRun:
         return Transcription(text, language, duration, tuple(segments), self.request.granularity, turns)
 
 
+def request_bytes(opts: WorkerOptions, spill_bytes: int = SPILL_BYTES) -> int:
+    """The most audio memory one file request holds, as admission control charges it: the decoded audio kept in
+    memory before it spills (`spill_bytes`), the VAD's read-ahead, and three batches' windows (two queued for the
+    model, one in an aligner call). Frame probabilities and energies (about 0.4 MB an hour) are not counted."""
+    window = max(opts.max_batch_seconds, opts.chunk_seconds) * SAMPLE_RATE * 4
+    return spill_bytes + vad.READ_BYTES + int(3 * window)
+
+
 def plan_request(samples: Samples, opts: WorkerOptions, probabilities: np.ndarray | None = None) -> list[Window]:
     """The windows a request sends to the model: the whole file, or with voice activity detection only its speech
     (from the VAD's frame `probabilities` when the caller has them already).

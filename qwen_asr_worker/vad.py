@@ -40,7 +40,7 @@ FRAME = 512  # samples per Silero frame at 16 kHz
 _MIN_ROW_SECONDS = 5.0
 _WARMUP_SECONDS = 1.0
 _MAX_ROWS = 256
-_READ_BYTES = 16 << 20  # audio read ahead for all rows together: a few frames each, whatever the file's length
+READ_BYTES = 16 << 20  # audio read ahead for all rows together: a few frames each, whatever the file's length
 MIN_SPEECH_MS = 250  # silero-vad's default: shorter bursts (a click, a cough) are not speech
 
 _model: Any = None
@@ -164,7 +164,7 @@ def _run_rows(
     lead = np.minimum(starts, warmup)  # the first row of a file has no audio before it to warm up on
     begin = starts - lead
     steps = int(lead.max()) + row
-    ahead = max(1, min(steps, _READ_BYTES // (len(starts) * FRAME * 4)))
+    ahead = max(1, min(steps, READ_BYTES // (len(starts) * FRAME * 4)))
     block = np.zeros((len(starts), ahead, FRAME), np.float32)
     batch = np.zeros((len(starts), FRAME), np.float32)
     for step in range(steps):

@@ -78,7 +78,7 @@ def test_vad_probabilities_are_the_same_read_ahead_in_pieces(seconds: float, mon
     samples = speech_like(seconds, 16000, [(0.5, 1.5)] if seconds > 2 else [])
     samples = samples[: len(samples) - 77] if len(samples) > 1000 else samples
     expected = vad.frame_probabilities(samples)
-    monkeypatch.setattr(vad, "_READ_BYTES", 3 * 512 * 4 * 12)  # 3 frames for 12 rows: a refill every few steps
+    monkeypatch.setattr(vad, "READ_BYTES", 3 * 512 * 4 * 12)  # 3 frames for 12 rows: a refill every few steps
     with _spooled(samples) as audio:
         np.testing.assert_array_equal(vad.frame_probabilities(audio), expected)
     assert len(expected) == -(-len(samples) // 512)
