@@ -200,6 +200,34 @@ def make_audio(name: str, samples_fn: Any) -> Path:
     return path
 
 
+def make_recording(name: str, seconds: float, talk: float, pause: float, seed: int) -> Path:
+    """Write (once) a long 44.1-kHz stereo FLAC, as a recorder makes, ten minutes at a time (memory stays
+    bounded): real speech in `talk`-second stretches between `pause` seconds of a quiet room (`pause` 0: all
+    speech). Cached by `name`."""
+    import soundfile as sf
+    import soxr
+
+    path = CACHE / "audio" / f"{name}.flac"
+    if path.exists() and sf.info(str(path)).duration >= seconds - 1.0:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.flac")
+    block = 600.0
+    rate = 44100
+    resampler = soxr.ResampleStream(SAMPLE_RATE, rate, 1, dtype="float32")
+    with sf.SoundFile(str(tmp), "w", samplerate=rate, channels=2, subtype="PCM_16", format="FLAC") as out:
+        done, part = 0.0, 0
+        while done < seconds:
+            n = min(block, seconds - done)
+            mono = real_speech(n, seed * 1000 + part, talk=talk, pause=pause) if pause else real_speech(n, seed + part)
+            wide = resampler.resample_chunk(np.clip(mono, -1.0, 1.0), last=done + n >= seconds)
+            out.write(np.stack([wide, wide * 0.9], axis=1))
+            done += n
+            part += 1
+    tmp.replace(path)
+    return path
+
+
 def clip_path(name: str) -> Path:
     """Where a generated clip is cached."""
     return CACHE / "audio" / f"{name}.wav"

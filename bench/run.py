@@ -62,6 +62,14 @@ class Config:
     vad_model: str = "asr"
     vad_minutes: float = 20.0
     vad_quiet_minutes: float = 10.0
+    # Figure 18: (hours, mostly speech?) of the recordings measured, and the one compared with audio in memory.
+    recordings: tuple[tuple[float, bool], ...] = (
+        (1 / 6, False),
+        (2.0, False),
+        (10.0, False),
+        (1 / 6, True),
+        (2.0, True),
+    )
     only: frozenset[int] = field(default_factory=frozenset)
 
     def wants(self, figure: int) -> bool:
@@ -73,8 +81,8 @@ def make_config(args: argparse.Namespace) -> Config:
     """Quick or full settings from the command line."""
     threads = args.threads or fixtures.cores()
     only = frozenset(int(x) for x in args.only.split(",")) if args.only else frozenset()
-    if not only <= set(range(1, 18)):
-        raise SystemExit(f"--only takes figure numbers 1-17, got {args.only!r}")
+    if not only <= set(range(1, 19)):
+        raise SystemExit(f"--only takes figure numbers 1-18, got {args.only!r}")
     omp = "" if args.omp_wait_policy.lower() == "default" else args.omp_wait_policy.upper()
     # What differs between the modes; everything else comes from the command line.
     mode: dict[str, Any] = (
@@ -103,6 +111,7 @@ def make_config(args: argparse.Namespace) -> Config:
             idle_dtypes=("bf16", "fp32"),
             long_model="asr",
             long_minutes=60.0,
+            recordings=((1 / 6, False), (2.0, False), (10.0, False), (1 / 6, True), (2.0, True), (10.0, True)),
         )
     )
     mode["max_new_tokens"] = args.max_new_tokens or mode["max_new_tokens"]
@@ -255,6 +264,7 @@ def rows_for(results: dict[str, Any], config: Config) -> list[Row]:
         _fig15,
         _fig16,
         _fig17,
+        _fig18,
     ):
         try:
             rows.extend(builder(results, config))
@@ -893,6 +903,86 @@ def _fig17(r: dict[str, Any], c: Config) -> list[Row]:
     return rows
 
 
+def _recording(hours: float, speech: bool) -> str:
+    """Figure 18's name for a recording."""
+    length = f"{hours * 60:g}min" if hours < 1 else f"{hours:g}h"
+    return f"recording_{length}_{'speech' if speech else 'quiet'}"
+
+
+def _fig18(r: dict[str, Any], c: Config) -> list[Row]:
+    rows = []
+    grown: dict[str, float] = {}
+    for hours, speech in c.recordings:
+        name = _recording(hours, speech)
+        run = r.get(f"rec_{name}")
+        if not run:
+            continue
+        over = run["peak_rss"] - run["rss_before"]
+        grown[name] = over
+        kind = "mostly speech" if speech else "mostly quiet (30 s of speech every 10 min)"
+        length = f"{hours * 60:g}-min" if hours < 1 else f"{hours:g}-h"
+        rows.append(
+            Row(
+                f"18a. Peak RSS over idle, {length} 44.1-kHz stereo FLAC, {kind}, VAD on",
+                gib(run["peak_rss"]),
+                gib(run["rss_before"]),
+                run["peak_rss"] / run["rss_before"],
+                "≤ +0.35 GiB",
+                over <= 0.35 * GIB,
+                f"{over / GIB:+.2f} GiB; {secs(run['request_s'])} wall, {run['windows']} windows, "
+                f"{run['duration_s'] / 3600:.2f} h, reduced-depth 0.6B",
+            )
+        )
+    for speech in (False, True):
+        short, longest = _recording(1 / 6, speech), _recording(max(h for h, _ in c.recordings), speech)
+        if short in grown and longest in grown and longest != short:
+            ratio = max(grown[longest], 1.0) / max(grown[short], 1.0)
+            rows.append(
+                Row(
+                    f"18b. Growth over idle, longest vs 10-min file, {'mostly speech' if speech else 'mostly quiet'}",
+                    gib(grown[longest]),
+                    gib(grown[short]),
+                    ratio,
+                    "≤ 1.1",
+                    ratio <= 1.1,
+                    "peak minus idle RSS, each",
+                )
+            )
+    spooled, held = r.get(f"rec_{_recording(2.0, False)}"), r.get("rec_in_memory")
+    if spooled and held:
+        rows.append(
+            Row(
+                "18c. 2-h file wall time: audio spooled to a temporary file vs held in memory",
+                secs(spooled["request_s"]),
+                secs(held["request_s"]),
+                spooled["request_s"] / held["request_s"],
+                "≤ 1.05",
+                _met(spooled["request_s"] / held["request_s"], 1.05),
+                f"peak over idle {(spooled['peak_rss'] - spooled['rss_before']) / GIB:+.2f} vs "
+                f"{(held['peak_rss'] - held['rss_before']) / GIB:+.2f} GiB",
+            )
+        )
+    adm = r.get("rec_admission")
+    if adm:
+        codes = adm["codes"]
+        handled = all(code in ("OK", "RESOURCE_EXHAUSTED") for code in codes)
+        over = adm["peak_rss"] - adm["rss_before"]
+        rows.append(
+            Row(
+                "18d. 8 concurrent 2-h requests, budget for 3 and 2 waiting: served / refused",
+                f"{codes.count('OK')} / {codes.count('RESOURCE_EXHAUSTED')}",
+                "-",
+                None,
+                "each served or refused, worker alive",
+                handled and adm["alive"] and adm["held_after"] == 0,
+                f"codes {codes}; alive after: {adm['alive']}; peak over idle {over / GIB:+.2f} GiB against an "
+                f"audio budget of {adm['budget_bytes'] / GIB:.2f} GiB "
+                f"({adm['request_bytes'] / 2**20:.0f} MiB a request)",
+            )
+        )
+    return rows
+
+
 def header(info: dict[str, Any], config: Config, auto_dtype: str | None) -> str:
     """The machine line above the table."""
     device = config.device
@@ -968,6 +1058,15 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
             paths[name] = str(fixtures.make_audio(f"meeting_{minutes:g}min", lambda s=samples: s))
             paths[f"{name}_turns"] = json.dumps(turns)
         paths["diar_fixture"] = str(fixtures.SPEECH_FIXTURES / "meeting.opus")
+    if config.wants(18):
+        if "asr_reduced" not in kinds:
+            runner.run("build_reduced", "build", {"kinds": ["asr_reduced"]}, timeout=3600)
+            paths["asr_reduced"] = str(fixtures.checkpoint_path("asr_reduced"))
+        paths["rec_warmup"] = str(fixtures.make_audio("live_warmup_10s", lambda: fixtures.real_speech(10.0, seed=1)))
+        for hours, speech in config.recordings:
+            name = _recording(hours, speech)
+            talk, pause = (0.0, 0.0) if speech else (30.0, 570.0)
+            paths[name] = str(fixtures.make_recording(name, hours * 3600.0, talk, pause, seed=int(hours * 60)))
     if config.wants(9):
         if config.vad_model != "asr" and config.vad_model not in kinds:
             runner.run("build_vad", "build", {"kinds": [config.vad_model]}, timeout=3600)
@@ -1113,6 +1212,21 @@ def plan(
             "extra_options": [f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
         }
         steps.append(("diarization", "diarization", params))
+    if config.wants(18):
+        rec = {
+            **common,
+            "asr": paths["asr_reduced"],
+            "dtype": "auto",
+            "max_new_tokens": 1024,
+            "warmup_clip": paths["rec_warmup"],
+            "extra_options": ["vad:on", f"max_tokens_per_second:{VAD_TOKENS_PER_SECOND}"],
+        }
+        for hours, speech in config.recordings:
+            name = _recording(hours, speech)
+            steps.append((f"rec_{name}", "long_audio", {**rec, "clip": paths[name]}))
+        quiet2h = paths[_recording(2.0, False)]
+        steps.append(("rec_in_memory", "long_audio", {**rec, "clip": quiet2h, "in_memory": True}))
+        steps.append(("rec_admission", "admission", {**rec, "clip": quiet2h, "clients": 8, "fits": 3, "waiting": 2}))
     if config.wants(13):
         for side, option in (("stock", "fast_decode:off"), ("fast", "fast_decode:on")):
             params = {

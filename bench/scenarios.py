@@ -536,7 +536,12 @@ def idle_and_free(params: Params) -> Result:
 
 
 def long_audio(params: Params) -> Result:
-    """Figure 7: peak RSS across one long file through the worker, after a warm-up 10-s request."""
+    """Figures 7, 14 and 18: peak RSS across one long file through the worker, after a warm-up 10-s request.
+    With `in_memory`, the request keeps its decoded audio in memory whatever its length (figure 18's reference)."""
+    from qwen_asr_worker import pipeline
+
+    if params.get("in_memory"):
+        pipeline.SPILL_BYTES = None
     out: Result = {"dtype": params["dtype"], "clip": params["clip"], "asr": params["asr"]}
     worker = Worker()
     worker.load(params, *params.get("extra_options", []))
@@ -792,6 +797,60 @@ def concurrent_clients(params: Params) -> Result:
     return out
 
 
+def admission(params: Params) -> Result:
+    """Figure 18c: `clients` requests for one long file at once, on a worker whose audio memory budget holds
+    `fits` of them with `waiting` more in its queue: how many were served, refused (RESOURCE_EXHAUSTED) or failed
+    otherwise, whether the worker still serves, and its peak RSS over idle against the budget."""
+    import grpc
+
+    from qwen_asr_worker.options import parse_options
+    from qwen_asr_worker.pipeline import request_bytes
+
+    need = request_bytes(parse_options(params.get("extra_options", [])))
+    budget_mb = -(-need * int(params["fits"]) // 2**20)
+    out: Result = {"budget_bytes": budget_mb * 2**20, "request_bytes": need}
+    worker = Worker()
+    worker.load(
+        params,
+        *params.get("extra_options", []),
+        f"audio_memory_mb:{budget_mb}",
+        f"max_waiting_requests:{params['waiting']}",
+    )
+    _check_text(worker.transcribe(params["warmup_clip"]).text, out)
+    gc.collect()
+    out["rss_before"] = rss_bytes()
+    codes: list[str] = []
+    barrier = threading.Barrier(int(params["clients"]))
+
+    def client() -> None:
+        barrier.wait()
+        try:
+            worker.transcribe(params["clip"])
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    threads = [threading.Thread(target=client) for _ in range(int(params["clients"]))]
+    with PeakSampler() as sampler, timed_phase(out, "requests"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    out["peak_rss"] = sampler.peak
+    out["codes"] = sorted(codes)
+    out["alive"] = _check_alive(worker, params["warmup_clip"])
+    out["held_after"] = worker.engine.budget.held_bytes
+    worker.close()
+    return out
+
+
+def _check_alive(worker: Worker, clip: str) -> bool:
+    try:
+        return bool(worker.transcribe(clip).text)
+    except Exception:  # any failure means the worker no longer serves
+        return False
+
+
 def live_lag(params: Params) -> Result:
     """Figure 15: `sessions` live sessions at once, each fed the clip at real-time pace in 0.1-s messages through
     the servicer's own path (inbox and session loop, without the gRPC transport). For every delta: how far the
@@ -934,6 +993,7 @@ SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "int8_fidelity": int8_fidelity,
     "concurrent_clients": concurrent_clients,
     "live_lag": live_lag,
+    "admission": admission,
     "build": build,
     "machine": machine,
 }
