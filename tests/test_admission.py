@@ -153,3 +153,18 @@ def test_a_cancelled_stream_releases_its_account(
         list(call)
     assert wait_until(lambda: budget.held_bytes == 0, timeout=30)
     assert harness.transcribe(audio["wav"]).text == SENTENCE
+
+
+def test_live_sessions_count_against_the_budget(harness: Harness, checkpoints: dict[str, Path]) -> None:
+    """A live session is refused while the budget is taken (no queue), and served, then released, once it is
+    free."""
+    from tests.test_live import ON, code_of, config, run_live, speech, split
+
+    assert harness.load(checkpoints["asr"], *ON, "audio_memory_mb:64", "max_waiting_requests:0").success
+    budget = harness.engine.budget
+    with budget.hold(budget.limit_bytes, "everything", _never):
+        code, details = code_of(harness.stub.AudioTranscriptionLive(iter([config()]), timeout=30))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "audio_memory_mb" in details
+    _, final = split(run_live(harness, speech("quiet.opus")))
+    assert final.text == SENTENCE
+    assert wait_until(lambda: budget.held_bytes == 0, timeout=10)
