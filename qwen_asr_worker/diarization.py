@@ -41,6 +41,7 @@ from . import torch_state, vad
 from .audio import SAMPLE_RATE
 from .errors import InvalidRequest, NotReady
 from .speakers import Turn, name_in_order, tidy_turns
+from .spool import Samples
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,10 @@ class DiarizeSettings:
 
 
 class Diarizer(Protocol):
-    """Who spoke when in 16-kHz mono samples."""
+    """Who spoke when in 16-kHz mono samples (an array, or a `SpooledAudio` read in slices)."""
 
     def __call__(
-        self, samples: np.ndarray, settings: DiarizeSettings, probabilities: np.ndarray | None = None
+        self, samples: Samples, settings: DiarizeSettings, probabilities: np.ndarray | None = None
     ) -> list[Turn]: ...
 
     def weight_bytes(self) -> int: ...
@@ -232,10 +233,10 @@ class EmbeddedDiarizer:
         return sum(p.numel() * p.element_size() for p in self.encoder.parameters())
 
     def __call__(
-        self, samples: np.ndarray, settings: DiarizeSettings, probabilities: np.ndarray | None = None
+        self, samples: Samples, settings: DiarizeSettings, probabilities: np.ndarray | None = None
     ) -> list[Turn]:
-        """Speaker turns over `samples`, tidied and labelled `SPEAKER_NN` in order of first appearance; the
-        VAD's frame `probabilities` are reused when the caller has them."""
+        """Speaker turns over `samples` (read a window at a time), tidied and labelled `SPEAKER_NN` in order of
+        first appearance; the VAD's frame `probabilities` are reused when the caller has them."""
         started = time.perf_counter()
         runs = speech_runs(samples, probabilities)
         planned = plan_windows(runs, len(samples))
@@ -260,7 +261,7 @@ class EmbeddedDiarizer:
         )
         return turns
 
-    def embed(self, samples: np.ndarray, windows: list[SpeechWindow]) -> np.ndarray:
+    def embed(self, samples: Samples, windows: list[SpeechWindow]) -> np.ndarray:
         """Unit embeddings `(len(windows), 256)`, each window loudness-normalised."""
         out = np.zeros((len(windows), 256), np.float32)
         with torch_state.forward_pass(), torch.inference_mode():
@@ -275,7 +276,7 @@ class EmbeddedDiarizer:
         return out
 
 
-def speech_runs(samples: np.ndarray, probabilities: np.ndarray | None = None) -> list[tuple[int, int]]:
+def speech_runs(samples: Samples, probabilities: np.ndarray | None = None) -> list[tuple[int, int]]:
     """The speech runs of a file, `[start, end)` in samples, unpadded and split at short pauses (from the VAD's
     frame `probabilities` when given)."""
     if len(samples) == 0:
@@ -382,10 +383,10 @@ class PyannoteDiarizer:
         return total
 
     def __call__(
-        self, samples: np.ndarray, settings: DiarizeSettings, probabilities: np.ndarray | None = None
+        self, samples: Samples, settings: DiarizeSettings, probabilities: np.ndarray | None = None
     ) -> list[Turn]:
         """Speaker turns from the pipeline (which has its own segmentation: `probabilities` are not used), with
-        the request's hints."""
+        the request's hints. pyannote takes the whole waveform at once: the file is read whole."""
         hints = {
             key: value
             for key, value in (
@@ -395,7 +396,7 @@ class PyannoteDiarizer:
             )
             if value
         }
-        waveform = torch.from_numpy(np.asarray(samples, np.float32)).unsqueeze(0)
+        waveform = torch.from_numpy(np.asarray(samples[:], np.float32)).unsqueeze(0)
         with self._lock:
             output = self.pipeline({"waveform": waveform, "sample_rate": SAMPLE_RATE}, **hints)
         annotation = getattr(output, "speaker_diarization", output)  # pyannote.audio 4 wraps it; 3 returns it

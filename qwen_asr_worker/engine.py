@@ -20,7 +20,7 @@ import torch
 
 from . import diarization, models, runtime, vad
 from .admission import MIB, AudioBudget
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, open_audio
 from .diarization import DiarizeSettings
 from .errors import InvalidRequest, ModelIdentityMismatch, NotReady, Unsupported, shown
 from .languages import to_iso
@@ -288,15 +288,19 @@ class Engine:
             if model.spec.options.diarization is None:
                 model.acquire_diarizer()  # raises the "diarization is off" error
             if not request.include_text:
-                with self.budget.hold(request_bytes(model.spec.options), f"diarizing {shown(request.path)}", cancelled):
-                    samples = load_audio(request.path)
+                charge = request_bytes(model.spec.options)
+                with (
+                    self.budget.hold(charge, f"diarizing {shown(request.path)}", cancelled),
+                    open_audio(request.path) as samples,
+                ):
                     diarizer = model.acquire_diarizer()
                     try:
                         turns = tuple(diarizer(samples, request.settings))
                     finally:
                         model.release_diarizer()
+                    duration = len(samples) / SAMPLE_RATE
                 language = to_iso(request.language) if request.language else ""
-                return Diarization(turns, ("",) * len(turns), len(samples) / SAMPLE_RATE, language)
+                return Diarization(turns, ("",) * len(turns), duration, language)
             timed = model.spec.options.timestamps_enabled
             transcription = TranscriptionRequest(
                 path=request.path,

@@ -243,7 +243,7 @@ class RequestRun:
         self._check_cancelled()
         diarizer = self.model.acquire_diarizer()
         try:
-            return tuple(diarizer(samples[:], self.request.speakers, probabilities))
+            return tuple(diarizer(samples, self.request.speakers, probabilities))
         finally:
             self.model.release_diarizer()
 

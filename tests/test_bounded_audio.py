@@ -156,3 +156,16 @@ def test_plan_request_reads_a_spooled_file_as_an_array() -> None:
     with _spooled(samples) as audio:
         assert pipeline.plan_request(audio, opts) == expected
     assert len(expected) >= 2
+
+
+def test_diarization_reads_a_spooled_file_in_windows() -> None:
+    """The embedded diarizer on the meeting fixture from a spilled file: the in-memory turns, exactly."""
+    from qwen_asr_worker.diarization import DiarizeSettings, EmbeddedDiarizer, load_encoder
+
+    samples = load_audio(str(Path(__file__).parent / "fixtures" / "speech" / "meeting.opus"))
+    diarizer = EmbeddedDiarizer(load_encoder())
+    expected = diarizer(samples, DiarizeSettings())
+    with _spooled(samples) as audio:
+        assert audio.on_disk
+        assert diarizer(audio, DiarizeSettings()) == expected
+    assert len({turn.speaker for turn in expected}) >= 2
