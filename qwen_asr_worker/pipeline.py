@@ -171,30 +171,27 @@ class RequestRun:
         longest = max((w.end - w.start for w in windows), default=0)
         budget = max(2 * self.opts.max_batch_seconds * SAMPLE_RATE, longest)
         queued: deque[tuple[Window, Future[tuple[str, str]]]] = deque()
-        audio = 0
+
+        def oldest() -> tuple[Window, tuple[str, str]]:
+            window, future = queued[0]
+            result = self._wait(future)
+            queued.popleft()
+            return window, result
+
         try:
             for i, window in enumerate(windows):
                 self._check_cancelled()
-                while queued and (len(queued) > ahead or audio + window.end - window.start > budget):
-                    done, future = queued[0]
-                    result = self._wait(future, queued)
-                    queued.popleft()
-                    audio -= done.end - done.start
-                    yield done, result
+                while queued and (
+                    len(queued) > ahead or sum(w.end - w.start for w, _ in queued) + window.end - window.start > budget
+                ):
+                    yield oldest()
                 queued.append((window, self._submit(samples, window)))
-                audio += window.end - window.start
                 if i == 0:
                     after_first()
                     if self.progressive:
-                        result = self._wait(queued[0][1], queued)
-                        done, _ = queued.popleft()
-                        audio -= done.end - done.start
-                        yield done, result
+                        yield oldest()
             while queued:
-                done, future = queued[0]
-                result = self._wait(future, queued)
-                queued.popleft()
-                yield done, result
+                yield oldest()
         finally:
             for _, pending in queued:
                 pending.cancel()
@@ -256,9 +253,7 @@ class RequestRun:
         if self.cancelled():
             raise Cancelled("the client cancelled the request or its deadline passed")
 
-    def _wait(
-        self, future: Future[tuple[str, str]], queued: deque[tuple[Window, Future[tuple[str, str]]]]
-    ) -> tuple[str, str]:
+    def _wait(self, future: Future[tuple[str, str]]) -> tuple[str, str]:
         """Wait for one window's result, polling for cancellation (the caller cancels what is queued)."""
         while True:
             try:
