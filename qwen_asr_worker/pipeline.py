@@ -114,6 +114,7 @@ class RequestRun:
             diarizing = self.request.diarize and self.opts.diarization is not None
             probabilities = vad.frame_probabilities(samples) if self.opts.vad or diarizing else None
             windows = plan_request(samples, self.opts, probabilities)
+            runtime.trim_heap()  # planning a long file's regions freed tens of MB of Python floats
             text = ""
             languages: list[str] = []
             pieces: list[tuple[Window, str]] = []
