@@ -103,12 +103,7 @@ class AudioBudget:
 
     def _acquire(self, nbytes: int, what: str, cancelled: Callable[[], bool]) -> None:
         with self._cond:
-            if nbytes > self._limit:
-                raise Overloaded(
-                    f"{what} needs {_mib(nbytes)} of audio memory, more than the worker's whole budget of "
-                    f"{_mib(self._limit)} (model option audio_memory_mb); raise audio_memory_mb, or lower "
-                    "max_batch_seconds (files) or max_utterance_seconds (live sessions)"
-                )
+            self._check_fits(nbytes, what)
             if not self._queue and self._held + nbytes <= self._limit:
                 self._grant(nbytes)
                 return
@@ -124,11 +119,7 @@ class AudioBudget:
             log.info("%s waits for %s of audio memory (%d waiting)", what, _mib(nbytes), len(self._queue))
             try:
                 while not (self._queue[0] is ticket and self._held + nbytes <= self._limit):
-                    if nbytes > self._limit:
-                        raise Overloaded(
-                            f"{what} needs {_mib(nbytes)} of audio memory, more than the budget of "
-                            f"{_mib(self._limit)} it was lowered to (model option audio_memory_mb)"
-                        )
+                    self._check_fits(nbytes, what)  # a reload may have lowered the budget
                     if cancelled():
                         raise Cancelled("the client cancelled the request or its deadline passed while it waited")
                     self._cond.wait(_POLL_S)
@@ -136,6 +127,14 @@ class AudioBudget:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
             self._grant(nbytes)
+
+    def _check_fits(self, nbytes: int, what: str) -> None:
+        if nbytes > self._limit:
+            raise Overloaded(
+                f"{what} needs {_mib(nbytes)} of audio memory, more than the worker's whole budget of "
+                f"{_mib(self._limit)} (model option audio_memory_mb); raise audio_memory_mb, or lower "
+                "max_batch_seconds (files) or max_utterance_seconds (live sessions)"
+            )
 
     def _grant(self, nbytes: int) -> None:
         self._held += nbytes

@@ -138,11 +138,10 @@ def plan_speech_windows(
     return windows
 
 
-def _frame_energy(samples: Samples, frame: int, begin: int = 0, end: int | None = None) -> np.ndarray:
+def _frame_energy(samples: Samples, frame: int, begin: int, end: int) -> np.ndarray:
     """Mean square per frame of `[begin, end)`, frames counted from `begin`, read `_ENERGY_BLOCK` samples at a
     time (the tail shorter than a frame is never a cut candidate). Each frame's sum is the same whatever the
     block. NaN counts as infinitely loud, so it is never chosen and never breaks the search."""
-    end = len(samples) if end is None else end
     count = max(0, end - begin) // frame
     energy = np.empty(count, np.float64)
     step = max(1, _ENERGY_BLOCK // frame)

@@ -8,6 +8,7 @@ request does with the model (windows, batcher, aligner, result) is `pipeline.Req
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -235,6 +236,12 @@ class Engine:
             if model.retired and model.users == 0:
                 model.close()
 
+    def _hold_request(
+        self, model: LoadedModel, what: str, cancelled: IsCancelled
+    ) -> contextlib.AbstractContextManager[None]:
+        """A file request's share of the audio memory budget (`pipeline.request_bytes`), held for the block."""
+        return self.budget.hold(request_bytes(model.spec.options), what, cancelled)
+
     @contextmanager
     def live(self, config: LiveConfig, cancelled: IsCancelled = never_cancelled) -> Iterator[LiveSession]:
         """A live session on the current model, which it holds until the session ends."""
@@ -273,9 +280,7 @@ class Engine:
         """Yield one text delta per finished window (when `progressive`), then the final `Transcription`."""
         model = self._acquire(request.model_identity)
         try:
-            with self.budget.hold(
-                request_bytes(model.spec.options), f"the request for {shown(request.path)}", cancelled
-            ):
+            with self._hold_request(model, f"the request for {shown(request.path)}", cancelled):
                 yield from RequestRun(model, request, cancelled, progressive).events()
         finally:
             self._release(model)
@@ -288,9 +293,8 @@ class Engine:
             if model.spec.options.diarization is None:
                 model.acquire_diarizer()  # raises the "diarization is off" error
             if not request.include_text:
-                charge = request_bytes(model.spec.options)
                 with (
-                    self.budget.hold(charge, f"diarizing {shown(request.path)}", cancelled),
+                    self._hold_request(model, f"diarizing {shown(request.path)}", cancelled),
                     open_audio(request.path) as samples,
                 ):
                     diarizer = model.acquire_diarizer()
@@ -310,7 +314,7 @@ class Engine:
                 speakers=request.settings,
             )
             result = None
-            with self.budget.hold(request_bytes(model.spec.options), f"diarizing {shown(request.path)}", cancelled):
+            with self._hold_request(model, f"diarizing {shown(request.path)}", cancelled):
                 for event in RequestRun(model, transcription, cancelled, False).events():
                     if isinstance(event, Transcription):
                         result = event

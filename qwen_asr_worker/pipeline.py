@@ -102,14 +102,13 @@ class RequestRun:
         self.progressive = progressive
         self.opts = model.spec.options
         self.want_timestamps = request.granularity is not Granularity.NONE
-        self.spill_bytes = SPILL_BYTES  # decoded audio past this goes to a temporary file
 
     def events(self) -> Iterator[str | Transcription]:
         started = time.perf_counter()
         self._note_served_defaults()
         if self.want_timestamps and not self.opts.timestamps_enabled:
             self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
-        with open_audio(self.request.path, spill_bytes=self.spill_bytes) as samples:
+        with open_audio(self.request.path, spill_bytes=SPILL_BYTES) as samples:  # past it, a temporary file
             duration = len(samples) / SAMPLE_RATE
             diarizing = self.request.diarize and self.opts.diarization is not None
             probabilities = vad.frame_probabilities(samples) if self.opts.vad or diarizing else None

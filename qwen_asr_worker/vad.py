@@ -159,7 +159,7 @@ def _run_rows(
 ) -> None:
     """Run rows of frames side by side; row k covers frames `[starts[k], starts[k] + row)`, after `warmup` frames
     before it (which only settle the state: their probabilities are dropped). The rows advance together, so
-    every `_READ_STEPS` steps each row's next frames are read at once (past the file's end, zeros)."""
+    each row's next few frames are read at once, `READ_BYTES` for all rows (past the file's end, zeros)."""
     model.reset_states()
     lead = np.minimum(starts, warmup)  # the first row of a file has no audio before it to warm up on
     begin = starts - lead

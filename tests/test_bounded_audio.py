@@ -127,16 +127,16 @@ def test_only_the_windows_queued_ahead_are_held(
     (the awaited one and two ahead), nor more than two batches' audio, and every window is still transcribed."""
     _load(harness, checkpoints, "vad:false", "chunk_seconds:60", "max_batch_size:2", "max_batch_seconds:120")
     model = harness.engine.current
-    queued: list[int] = []
+    queued: dict[int, int] = {}  # id of a queued window's future: its samples
     most = [0, 0]
     real_submit = model.batcher.submit
 
     def submit(samples: np.ndarray, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         future = real_submit(samples, *args, **kwargs)
-        queued.append(len(samples))
+        queued[id(future)] = len(samples)
         most[0] = max(most[0], len(queued))
-        most[1] = max(most[1], sum(queued))
-        future.add_done_callback(lambda _: queued.pop())
+        most[1] = max(most[1], sum(queued.values()))
+        future.add_done_callback(lambda done: queued.pop(id(done)))
         return future
 
     monkeypatch.setattr(model.batcher, "submit", submit)
