@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
+from collections.abc import Generator, Iterator
 from fractions import Fraction
 from typing import IO, Any
 
@@ -73,10 +75,22 @@ def open_audio(path: str, spill_bytes: int | None = SPILL_BYTES) -> SpooledAudio
         AudioError: as `load_audio`.
         Overloaded: the temporary folder cannot take the audio.
     """
+    with decode_audio(path, spill_bytes) as decoding:
+        return decoding.finish()
+
+
+def decode_audio(path: str, spill_bytes: int | None = SPILL_BYTES) -> DecodingAudio:
+    """`open_audio`'s samples as they decode: the file is read as far as a reader asks (`DecodingAudio.available`),
+    so the start of a long recording can be worked on before its end is read. The caller closes it.
+
+    Raises:
+        AudioError: the path is a URL, missing, not a regular file, empty or unreadable (the rest of
+            `load_audio`'s errors come from `available` and `finish`, once the decoder meets them).
+    """
     name = shown(path)
     _check_path(path, name)
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below, after both decoders are done with it
+        handle = open(path, "rb")  # noqa: SIM115 - closed by DecodingAudio, after both decoders are done with it
     except PermissionError:
         raise AudioError(
             f"audio file {name} is not readable by the worker (permission denied); "
@@ -84,11 +98,86 @@ def open_audio(path: str, spill_bytes: int | None = SPILL_BYTES) -> SpooledAudio
         ) from None
     except OSError as exc:
         raise AudioError(f"cannot open audio file {name}: {exc.strerror or exc}") from None
-    with handle:
+    return DecodingAudio(name, handle, spill_bytes)
+
+
+class DecodingAudio:
+    """A file's 16-kHz samples while it decodes, read as far as asked: `available(n)` decodes until `n` samples
+    are final (or the file ends), and slices up to that are the file's own samples. Final means no later step
+    can change them: a container's stated duration (`_trimmed_length`) may still cut the decoded tail as codec
+    padding, so samples past it count only once the file has ended.
+
+    Every failure `open_audio` reports comes from `available` or `finish`, at the point the decoder meets it (a
+    NaN as soon as its block decodes).
+    """
+
+    def __init__(self, name: str, handle: IO[bytes], spill_bytes: int | None) -> None:
+        self._name = name
+        self._handle = handle
+        self._steps = _decode_steps(name, handle, spill_bytes)
+        self._audio = SpooledAudio(spill_bytes=None)  # replaced by the decoder's own at its first step
+        self._final = 0
+        self._done = False
+        self._owned = True  # the samples are closed with this, until `finish` hands them over
+
+    def available(self, needed: int) -> int:
+        """Decode until at least `needed` samples are final, or to the end; return how many are final. Fewer than
+        `needed` means the file has ended: that is its length."""
+        while not self._done and self._final < needed:
+            self._step()
+        return self._final
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the samples went to a temporary file (`SpooledAudio.on_disk`)."""
+        return self._audio.on_disk
+
+    @property
+    def complete(self) -> bool:
+        """Whether the file has been decoded to its end."""
+        return self._done
+
+    def finish(self) -> SpooledAudio:
+        """Decode the rest and hand over all the samples: the caller closes them, `close` no longer does."""
+        self.available(sys.maxsize)
+        self._handle.close()
+        self._owned = False
+        return self._audio
+
+    def __len__(self) -> int:
+        return self._final
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return self._audio[key]
+
+    def close(self) -> None:
+        """Stop decoding and free what was decoded (unless `finish` handed it over)."""
+        self._steps.close()
+        self._handle.close()
+        if self._owned:
+            self._audio.close()
+
+    def __enter__(self) -> DecodingAudio:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _step(self) -> None:
         try:
-            return _decode(name, handle, spill_bytes)
+            self._audio, self._final = next(self._steps)
+        except StopIteration as stop:
+            self._audio, self._done = stop.value, True
+            self._final = len(self._audio)
         except SpoolFull as exc:
-            raise Overloaded(f"{name}: {exc}") from None
+            self.close()
+            raise Overloaded(f"{self._name}: {exc}") from None
+        except AudioError:
+            self.close()
+            raise
+        if not self._audio.finite:  # after resampling, which spreads a NaN and can overflow huge samples to infinity
+            self.close()
+            raise AudioError(f"{self._name} contains NaN or infinite samples; re-export it (integer PCM is safest)")
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -174,21 +263,26 @@ def _check_path(path: str, name: str) -> None:
         raise AudioError(f"audio file {name} is empty (0 bytes); the upload may have failed, send it again")
 
 
-def _decode(name: str, handle: IO[bytes], spill_bytes: int | None) -> SpooledAudio:
-    """Mono float32 samples at 16 kHz, from libsndfile or else FFmpeg; `name` is the path for messages."""
-    first = _read_soundfile(handle, spill_bytes)
+Steps = Generator[tuple[SpooledAudio, int], None, SpooledAudio]
+
+
+def _decode_steps(name: str, handle: IO[bytes], spill_bytes: int | None) -> Steps:
+    """Mono float32 samples at 16 kHz, from libsndfile or else FFmpeg; `name` is the path for messages. Yields
+    the audio so far and how many of its samples are final after each decoded block; returns it finished. The
+    fallback to FFmpeg happens only when libsndfile gave no sample, so nothing yielded as final is taken back."""
+    first = yield from _read_soundfile(handle, spill_bytes)
     if first is not None and len(first):
-        return _checked(name, first)
+        return first
     handle.seek(0)
     try:
-        second = _read_pyav(name, handle, spill_bytes)
+        second = yield from _read_pyav(name, handle, spill_bytes)
     except AudioError:
         if first is not None:  # libsndfile knew the format; its "no samples" is the better answer
             second = None
         else:
             raise
     if second is not None and len(second):
-        return _checked(name, second)
+        return second
     if first is None and second is None:
         raise AudioError(
             f"could not decode {name}: not a supported audio format (tried libsndfile and FFmpeg); "
@@ -197,16 +291,10 @@ def _decode(name: str, handle: IO[bytes], spill_bytes: int | None) -> SpooledAud
     raise AudioError(f"{name} contains no audio samples (only a header, or the recording is empty)")
 
 
-def _checked(name: str, audio: SpooledAudio) -> SpooledAudio:
-    # After resampling, which spreads a NaN and can overflow huge float samples to infinity.
-    if not audio.finite:
-        audio.close()
-        raise AudioError(f"{name} contains NaN or infinite samples; re-export it (integer PCM is safest)")
-    return audio
-
-
-def _read_soundfile(handle: IO[bytes], spill_bytes: int | None = None) -> SpooledAudio | None:
-    """Decode with libsndfile to 16 kHz mono, or None when it does not know the format."""
+def _read_soundfile(
+    handle: IO[bytes], spill_bytes: int | None = None
+) -> Generator[tuple[SpooledAudio, int], None, SpooledAudio | None]:
+    """Decode with libsndfile to 16 kHz mono, or None when it does not know the format; yields after each block."""
     try:
         sound = sf.SoundFile(handle)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError):
@@ -231,6 +319,7 @@ def _read_soundfile(handle: IO[bytes], spill_bytes: int | None = None) -> Spoole
                 del block
                 collector.add(mono, rate)
                 read_any = True
+                yield collector.out, len(collector.out)
         except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
             if not read_any:
                 collector.out.close()
@@ -238,8 +327,11 @@ def _read_soundfile(handle: IO[bytes], spill_bytes: int | None = None) -> Spoole
     return collector.result()
 
 
-def _read_pyav(name: str, handle: IO[bytes], spill_bytes: int | None = None) -> SpooledAudio | None:
-    """Decode the first audio stream with FFmpeg to 16 kHz mono, or None when FFmpeg cannot open the file."""
+def _read_pyav(
+    name: str, handle: IO[bytes], spill_bytes: int | None = None
+) -> Generator[tuple[SpooledAudio, int], None, SpooledAudio | None]:
+    """Decode the first audio stream with FFmpeg to 16 kHz mono, or None when FFmpeg cannot open the file; yields
+    after each frame, holding back what the stated duration may trim."""
     import av  # imported on first use: most uploads never need FFmpeg
 
     try:
@@ -253,23 +345,27 @@ def _read_pyav(name: str, handle: IO[bytes], spill_bytes: int | None = None) -> 
                 "send an audio file, or a video with a sound track"
             )
         stream = container.streams.audio[0]
+        declared = stream.duration * stream.time_base if stream.duration and stream.time_base else None
+        kept = round(declared * SAMPLE_RATE) if declared is not None else sys.maxsize  # never trimmed
         collector = _To16k(SpooledAudio(spill_bytes))
-        if not _decode_stream(container, stream, collector):
+        decoded = False
+        for _ in _decode_stream(container, stream, collector):
+            decoded = True
+            yield collector.out, min(len(collector.out), kept)
+        if not decoded:
             collector.out.close()
             return None
-        declared = stream.duration * stream.time_base if stream.duration and stream.time_base else None
     audio = collector.result()
     audio.truncate(_trimmed_length(len(audio), declared))
     return audio
 
 
-def _decode_stream(container: Any, stream: Any, collector: _To16k) -> bool:
-    """Feed every decodable frame to `collector`, mixed down to mono at its own rate (which may change midway);
-    return whether any frame decoded. Undecodable packets are skipped; a demuxer error ends the stream with what
-    was decoded so far."""
+def _decode_stream(container: Any, stream: Any, collector: _To16k) -> Iterator[None]:
+    """Feed every decodable frame to `collector`, mixed down to mono at its own rate (which may change midway),
+    yielding after each. Undecodable packets are skipped; a demuxer error ends the stream with what was decoded
+    so far."""
     import av
 
-    decoded = False
     try:
         for packet in container.demux(stream):
             try:
@@ -280,10 +376,9 @@ def _decode_stream(container: Any, stream: Any, collector: _To16k) -> bool:
                 rate = int(frame.sample_rate or 0)
                 if rate > 0 and frame.samples:
                     collector.add(_frame_to_mono(frame), rate)
-                    decoded = True
+                    yield
     except (av.FFmpegError, OSError, ValueError, EOFError):
         pass
-    return decoded
 
 
 def _frame_to_mono(frame: Any) -> np.ndarray:

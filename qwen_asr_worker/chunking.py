@@ -6,7 +6,9 @@ same way: windows of at most `max_seconds` (never above the aligner's 180 s), ea
 stretch of the last `search_seconds` before the limit, so that words are not split when a pause exists nearby.
 
 Quietness is the short-time energy of `frame_ms` frames, averaged over 100 ms of neighbouring frames so that a
-real pause beats a single quiet frame inside a word (a stop consonant's closure). Among equally quiet frames (digital
+real pause beats a single quiet frame inside a word (a stop consonant's closure). Only each cut's search range
+is read, so planning costs the same whatever the file's length, and a file still decoding can be cut as it
+arrives (`Tiler`). Among equally quiet frames (digital
 silence) the longest run wins, and the cut goes to its middle, away from the speech on either side.
 
 The last window keeps whatever remains, but never less than `_MIN_LAST_SECONDS` when the search range allows:
@@ -95,30 +97,100 @@ def _tile(
     frame_ms: float = 25.0,
 ) -> list[Window]:
     """`plan_windows` over the stretch `[begin, end)` of `samples`, in the file's own sample positions."""
-    if not 0 < search_seconds < max_seconds:
-        raise ValueError(f"need 0 < search_seconds < max_seconds, got {search_seconds} and {max_seconds}")
-    if not (frame_ms > 0 and sample_rate > 0):
-        raise ValueError(f"need frame_ms > 0 and sample_rate > 0, got {frame_ms} and {sample_rate}")
-    total = end - begin
-    max_len = max(1, int(max_seconds * sample_rate))
-    if total <= max_len:
-        return [Window(begin, end)]
-    frame = max(1, round(frame_ms * sample_rate / 1000))
-    quietness = _smooth(_frame_energy(samples, frame, begin, end), max(1, round(_SMOOTH_MS / frame_ms)))
-    search = int(search_seconds * sample_rate)
-    min_last = int(_MIN_LAST_SECONDS * sample_rate)
-    windows: list[Window] = []
-    start = 0
-    while total - start > max_len:
-        limit = start + max_len
-        low = limit - search
-        # Leave the last window at least min_last samples when the search range reaches that far back.
-        high = min(limit, total - min_last) if total - min_last > low else limit
-        cut = _quietest_point(quietness, frame, low, high)
-        windows.append(Window(begin + start, begin + (cut if cut > start else limit)))
-        start = windows[-1].end - begin
-    windows.append(Window(begin + start, end))
-    return windows
+    return Tiler(samples, begin, max_seconds, search_seconds, sample_rate, frame_ms).finish(end)
+
+
+class Tiler:
+    """`plan_windows` over a stretch that starts at `begin` and whose end may not be known yet (a file still
+    decoding, a speech region still open): `advance` gives the windows that no later end can change, `finish`
+    the rest. Only a window's last cut depends on where the stretch ends (the last window keeps at least
+    `_MIN_LAST_SECONDS`), and a cut's quietness only on frames a few past its search range, so a cut is final once
+    the stretch is known to reach a second past its limit. Each cut reads only its search range's audio.
+    """
+
+    def __init__(
+        self,
+        samples: Samples,
+        begin: int,
+        max_seconds: float = 180.0,
+        search_seconds: float = 5.0,
+        sample_rate: int = SAMPLE_RATE,
+        frame_ms: float = 25.0,
+    ) -> None:
+        if not 0 < search_seconds < max_seconds:
+            raise ValueError(f"need 0 < search_seconds < max_seconds, got {search_seconds} and {max_seconds}")
+        if not (frame_ms > 0 and sample_rate > 0):
+            raise ValueError(f"need frame_ms > 0 and sample_rate > 0, got {frame_ms} and {sample_rate}")
+        self.samples = samples
+        self.begin = begin
+        self._max_len = max(1, int(max_seconds * sample_rate))
+        self._search = int(search_seconds * sample_rate)
+        self._min_last = int(_MIN_LAST_SECONDS * sample_rate)
+        self._frame = max(1, round(frame_ms * sample_rate / 1000))
+        self._width = max(1, round(_SMOOTH_MS / frame_ms))
+        self._start = 0  # where the next window starts, from `begin`
+
+    def needed(self) -> int:
+        """Where the stretch must be known to reach (in the file) for `advance` to give the next window."""
+        margin = max(self._min_last, self._width * self._frame) + self._width * self._frame
+        return self.begin + self._start + self._max_len + margin
+
+    def advance(self, end_at_least: int) -> list[Window]:
+        """The next windows, given that the stretch reaches at least `end_at_least`."""
+        windows: list[Window] = []
+        while end_at_least >= self.needed():
+            # Enough audio lies past this cut that the last-window rule cannot apply and every frame its
+            # quietness uses is whole: the count of frames passed is only a lower bound, never reached.
+            windows.append(self._next(self._start + self._max_len, (end_at_least - self.begin) // self._frame))
+        return windows
+
+    def finish(self, end: int) -> list[Window]:
+        """The remaining windows of the stretch `[begin, end)`."""
+        total = end - self.begin
+        windows: list[Window] = []
+        while total - self._start > self._max_len:
+            limit = self._start + self._max_len
+            low = limit - self._search
+            # Leave the last window at least min_last samples when the search range reaches that far back.
+            high = min(limit, total - self._min_last) if total - self._min_last > low else limit
+            windows.append(self._next(high, total // self._frame))
+        windows.append(Window(self.begin + self._start, end))
+        self._start = total
+        return windows
+
+    def _next(self, high: int, frames: int) -> Window:
+        """The window from the current start, cut at the quietest point in `[limit - search, high]`; `frames` is
+        the number of whole frames in the stretch."""
+        limit = self._start + self._max_len
+        cut = self._quietest(limit - self._search, high, frames)
+        window = Window(self.begin + self._start, self.begin + (cut if cut > self._start else limit))
+        self._start = window.end - self.begin
+        return window
+
+    def _quietest(self, low: int, high: int, frames: int) -> int:
+        """`_quietest_point` over the smoothed energies of frames `[ceil(low / frame), high // frame)`, computed
+        from those frames and their smoothing neighbours only (zero past the stretch's `frames`)."""
+        frame, width = self._frame, self._width
+        first = max(0, -(-low // frame))
+        last = min(frames, high // frame)  # exclusive
+        if last <= first:
+            return high
+        start = self.begin + first * frame
+        if frames < width:  # too short to smooth: the energies as they are
+            return _quietest_point(
+                _frame_energy(self.samples, frame, start, start + (last - first) * frame), first, frame
+            )
+        # A moving average centred as `np.convolve(mode="same")` centres it: `before` frames back, `after` on.
+        before, after = width // 2, (width - 1) // 2
+        lo, hi = max(0, first - before), min(frames, last + after)
+        padded = np.zeros(last - first + before + after, np.float64)
+        padded[lo - first + before : hi - first + before] = _frame_energy(
+            self.samples, frame, self.begin + lo * frame, self.begin + hi * frame
+        )
+        summed = np.zeros(last - first, np.float64)
+        for k in range(width):  # added in one order, element by element: the same sums wherever the range lies
+            summed += padded[k : k + last - first]
+        return _quietest_point(summed / width, first, frame)
 
 
 def plan_speech_windows(
@@ -130,12 +202,16 @@ def plan_speech_windows(
     of speech it holds."""
     windows: list[Window] = []
     for region in regions:
-        for piece in _tile(samples, region.start, region.end, max_seconds, search_seconds):
-            speech_start = min(max(piece.start, region.speech_start), piece.end)
-            windows.append(
-                Window(piece.start, piece.end, speech_start, max(speech_start, min(piece.end, region.speech_end)))
-            )
+        tiler = Tiler(samples, region.start, max_seconds, search_seconds)
+        windows.extend(with_speech(piece, region.speech_start, region.speech_end) for piece in tiler.finish(region.end))
     return windows
+
+
+def with_speech(piece: Window, speech_start: int, speech_end: int) -> Window:
+    """A window cut from a speech region, recording the part of the region's speech `[speech_start, speech_end)`
+    that lies in it (empty at its start when none does)."""
+    start = min(max(piece.start, speech_start), piece.end)
+    return Window(piece.start, piece.end, start, max(start, min(piece.end, speech_end)))
 
 
 def _frame_energy(samples: Samples, frame: int, begin: int, end: int) -> np.ndarray:
@@ -154,26 +230,14 @@ def _frame_energy(samples: Samples, frame: int, begin: int, end: int) -> np.ndar
     return np.nan_to_num(energy, nan=np.inf, posinf=np.inf)
 
 
-def _smooth(energy: np.ndarray, width: int) -> np.ndarray:
-    """Moving average over `width` frames. A convolution, not a cumulative sum: digital silence stays exactly 0."""
-    if width <= 1 or len(energy) < width:
-        return energy
-    return np.convolve(energy, np.full(width, 1.0 / width), mode="same")
-
-
-def _quietest_point(quietness: np.ndarray, frame: int, low: int, high: int) -> int:
-    """A sample index in `[low, high]` in the middle of the quietest run of frames lying wholly inside it, or
-    `high` when no frame fits."""
-    first = max(0, -(-low // frame))
-    last = min(len(quietness), high // frame)  # exclusive
-    if last <= first:
-        return high
-    candidates = quietness[first:last]
-    floor = float(candidates.min())
-    quiet = candidates <= floor + max(abs(floor) * _TIE_TOLERANCE, 1e-12)
+def _quietest_point(quietness: np.ndarray, first: int, frame: int) -> int:
+    """A sample index in the middle of the quietest run of frames, `quietness` holding frames `first` on (at
+    least one). Among equally quiet runs the longest wins, the latest among equals."""
+    floor = float(quietness.min())
+    quiet = quietness <= floor + max(abs(floor) * _TIE_TOLERANCE, 1e-12)
     # Runs of quiet frames: starts where quiet begins, ends (exclusive) where it stops.
     edges = np.diff(np.concatenate(([0], quiet.view(np.int8), [0])))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     lengths = ends - starts
-    best = len(lengths) - 1 - int(np.argmax(lengths[::-1]))  # the longest run; the latest among equals
+    best = len(lengths) - 1 - int(np.argmax(lengths[::-1]))
     return int((first + starts[best]) * frame + (ends[best] - starts[best]) * frame // 2)

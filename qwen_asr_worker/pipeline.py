@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import sys
 import time
 import unicodedata
 from collections import deque
@@ -21,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import runtime, torch_state, vad
-from .audio import SAMPLE_RATE, open_audio
-from .chunking import Window, plan_speech_windows, plan_windows
+from .audio import SAMPLE_RATE, decode_audio
+from .chunking import Window
 from .diarization import DiarizeSettings
 from .errors import Cancelled
 from .languages import detected_to_iso, to_iso
 from .options import WorkerOptions
+from .planning import WindowPlan
 from .segments import Segment, Word, build_segments, repair_times
 from .speakers import Turn, speaker_at, word_speakers
 from .spool import SPILL_BYTES, Samples
@@ -108,12 +110,11 @@ class RequestRun:
         self._note_served_defaults()
         if self.want_timestamps and not self.opts.timestamps_enabled:
             self.model.acquire_aligner()  # raises the forced_aligner:none error before any work
-        with open_audio(self.request.path, spill_bytes=SPILL_BYTES) as samples:  # past it, a temporary file
-            duration = len(samples) / SAMPLE_RATE
+        with decode_audio(self.request.path, spill_bytes=SPILL_BYTES) as samples:  # past it, a temporary file
             diarizing = self.request.diarize and self.opts.diarization is not None
-            probabilities = vad.frame_probabilities(samples) if self.opts.vad or diarizing else None
-            windows = plan_request(samples, self.opts, probabilities)
-            runtime.trim_heap()  # planning a long file's regions freed tens of MB of Python floats
+            plan = WindowPlan(
+                samples, samples.available, self.opts, keep_probabilities=diarizing, check=self._check_cancelled
+            )
             text = ""
             languages: list[str] = []
             pieces: list[tuple[Window, str]] = []
@@ -126,7 +127,7 @@ class RequestRun:
                     aligner.append(self.model.acquire_aligner())  # loads while the batcher runs the ASR
 
             try:
-                for window, (language, piece) in self._results(samples, windows, load_aligner):
+                for window, (language, piece) in self._results(samples, plan, load_aligner):
                     languages.append(language)
                     delta = joiner(text, piece) + piece if piece else ""
                     text += delta
@@ -143,9 +144,13 @@ class RequestRun:
             finally:
                 if aligner:
                     self.model.release_aligner()
+            duration = samples.available(sys.maxsize) / SAMPLE_RATE  # decoded to the end by now: exact
+            probabilities = plan.probabilities
+            if diarizing and probabilities is None:
+                probabilities = vad.frame_probabilities(samples)
             turns = self._diarize(samples, probabilities)
         result = self._result(text, languages, words, duration, pieces, turns)
-        self._log(result, windows, time.perf_counter() - started)
+        self._log(result, plan.windows, time.perf_counter() - started)
         yield result
 
     def _align_full(self, todo: list[tuple[Window, str, str]], window: Window) -> bool:
@@ -158,19 +163,25 @@ class RequestRun:
         return len(todo) >= self.opts.max_batch_size or audio > self.opts.max_batch_seconds * SAMPLE_RATE
 
     def _results(
-        self, samples: Samples, windows: list[Window], after_first: Callable[[], None]
+        self, samples: Samples, windows: Iterable[Window], after_first: Callable[[], None]
     ) -> Iterator[tuple[Window, tuple[str, str]]]:
         """Each window with its `(language, text)`, in order; `after_first` runs once the first is queued.
 
-        Windows are read and queued ahead of the one awaited, up to `max_batch_size` more and two batches' audio
-        (`max_batch_seconds`), so the batcher has a full batch to run while only those windows' samples are in
-        memory. A stream's first window runs alone, for an early first delta. Leaving early (an error, a
-        cancel, a closed stream) cancels what is still queued.
+        Windows are gathered into a batch's worth (`max_batch_size`, or no room left in `max_batch_seconds` for
+        another full-length window) and submitted together, so the batcher runs them as one call even while the
+        file is still decoding; a stream's first window goes alone, for an early first delta. Submitted windows
+        are read and queued ahead of the one awaited, up to `max_batch_size` more and two batches' audio, so the
+        batcher has a full batch to run while only those windows' samples are in memory. Results already done
+        are given before the next window is planned (which may wait for the file to decode further). Leaving
+        early (an error, a cancel, a closed stream) cancels what is still queued.
         """
         ahead = max(1, self.opts.max_batch_size)
-        longest = max((w.end - w.start for w in windows), default=0)
+        longest = max(self.opts.chunk_seconds * SAMPLE_RATE, MIN_WINDOW_SAMPLES)  # no window is longer
         budget = max(2 * self.opts.max_batch_seconds * SAMPLE_RATE, longest)
+        batch_audio = self.opts.max_batch_seconds * SAMPLE_RATE
         queued: deque[tuple[Window, Future[tuple[str, str]]]] = deque()
+        gathered: list[Window] = []
+        first = [True]
 
         def oldest() -> tuple[Window, tuple[str, str]]:
             window, future = queued[0]
@@ -178,18 +189,32 @@ class RequestRun:
             queued.popleft()
             return window, result
 
-        try:
-            for i, window in enumerate(windows):
-                self._check_cancelled()
+        def submit() -> Iterator[tuple[Window, tuple[str, str]]]:
+            if not gathered:
+                return
+            for window in gathered:
                 while queued and (
                     len(queued) > ahead or sum(w.end - w.start for w, _ in queued) + window.end - window.start > budget
                 ):
                     yield oldest()
                 queued.append((window, self._submit(samples, window)))
-                if i == 0:
-                    after_first()
-                    if self.progressive:
-                        yield oldest()
+            gathered.clear()
+            if first[0]:
+                first[0] = False
+                after_first()
+
+        try:
+            for window in windows:
+                self._check_cancelled()
+                gathered.append(window)
+                if first[0] and self.progressive:
+                    yield from submit()
+                    yield oldest()
+                elif len(gathered) >= ahead or sum(w.end - w.start for w in gathered) + longest > batch_audio:
+                    yield from submit()
+                while queued and queued[0][1].done():
+                    yield oldest()
+            yield from submit()
             while queued:
                 yield oldest()
         finally:
@@ -319,20 +344,6 @@ def request_bytes(opts: WorkerOptions, spill_bytes: int = SPILL_BYTES) -> int:
     model, one in an aligner call). Frame probabilities and energies (about 0.4 MB an hour) are not counted."""
     window = max(opts.max_batch_seconds, opts.chunk_seconds) * SAMPLE_RATE * 4
     return spill_bytes + vad.READ_BYTES + int(3 * window)
-
-
-def plan_request(samples: Samples, opts: WorkerOptions, probabilities: np.ndarray | None = None) -> list[Window]:
-    """The windows a request sends to the model: the whole file, or with voice activity detection only its speech
-    (from the VAD's frame `probabilities` when the caller has them already).
-
-    The same with and without timestamps, streamed or not: they depend on the audio and the options alone.
-    """
-    if not opts.vad:
-        return plan_windows(samples, max_seconds=opts.chunk_seconds)
-    if probabilities is None:
-        probabilities = vad.frame_probabilities(samples)
-    regions = vad.regions_from_probabilities(probabilities, len(samples), opts.vad_settings) if len(samples) else []
-    return plan_speech_windows(samples, regions, max_seconds=opts.chunk_seconds)
 
 
 def window_words(items: Iterable[Any], start: float, end: float, speech: tuple[float, float]) -> list[Word]:

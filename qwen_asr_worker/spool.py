@@ -8,11 +8,14 @@ removes it when it is closed or the process dies) and appends there. A request t
 Nothing maps the file, so the worker's resident memory is what its readers hold, not the file; the operating
 system's page cache keeps recently read parts fast and gives them back under pressure.
 
-Results do not depend on where the samples are: a slice holds the same float32 values either way.
+Results do not depend on where the samples are: a slice holds the same float32 values either way. Samples can be
+read while more are appended (a request plans and transcribes the start of a file while the rest decodes): reads
+see what was appended before them.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
 from typing import IO, Protocol
@@ -44,8 +47,10 @@ class SpooledAudio:
         self._spill = spill_bytes  # None: never spill
         self._directory = directory
         self._chunks: list[np.ndarray] = []
+        self._starts: list[int] = []  # where each in-memory chunk begins, for reads before `finish`
         self._array: np.ndarray | None = None
         self._file: IO[bytes] | None = None
+        self._unflushed = False  # bytes in Python's write buffer, which reads (preadv on the descriptor) cannot see
         self._length = 0
         self._finished = False
         self.finite = True  # every sample appended so far is finite
@@ -63,6 +68,7 @@ class SpooledAudio:
         if self._file is not None:
             self._write(block)
         else:
+            self._starts.append(self._length)
             self._chunks.append(block)
             if self._spill is not None and (self._length + block.size) * _ITEM > self._spill:
                 self._move_to_disk()
@@ -85,9 +91,7 @@ class SpooledAudio:
             self._finished = True
             if self._file is None:
                 self._array = _join(self._chunks)
-                self._chunks = []
-            else:
-                self._file.flush()
+                self._chunks, self._starts = [], []
         return self
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -106,16 +110,24 @@ class SpooledAudio:
         start, stop, _ = key.indices(self._length)
         return self.read(start, stop)
 
+    @property
+    def finished(self) -> bool:
+        """Whether `finish` was called: no more samples come."""
+        return self._finished
+
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Samples `[start, stop)` (clipped to the audio) as a new float32 array, or a view of the array in memory."""
-        if not self._finished:
-            raise RuntimeError("SpooledAudio read before finish")
+        """Samples `[start, stop)` (clipped to what was appended) as a new float32 array, or a view of the array in
+        memory."""
         start, stop = max(0, start), min(self._length, stop)
         if stop <= start:
             return np.zeros(0, np.float32)
         if self._file is None:
-            assert self._array is not None
-            return self._array[start:stop]
+            if self._array is not None:
+                return self._array[start:stop]
+            return self._read_chunks(start, stop)
+        if self._unflushed:
+            self._unflushed = False
+            self._file.flush()
         out = np.empty(stop - start, np.float32)
         view = memoryview(out).cast("B")
         done, offset = 0, start * _ITEM
@@ -126,9 +138,20 @@ class SpooledAudio:
             done += got
         return out
 
+    def _read_chunks(self, start: int, stop: int) -> np.ndarray:
+        """`read` before `finish`, in memory: the pieces of the chunks that `[start, stop)` spans."""
+        first = bisect.bisect_right(self._starts, start) - 1
+        pieces = []
+        for k in range(first, len(self._chunks)):
+            begin = self._starts[k]
+            if begin >= stop:
+                break
+            pieces.append(self._chunks[k][max(0, start - begin) : stop - begin])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
     def close(self) -> None:
         """Free the memory or the temporary file."""
-        self._chunks, self._array = [], None
+        self._chunks, self._starts, self._array = [], [], None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -145,7 +168,7 @@ class SpooledAudio:
             self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115 - closed by close()
         except OSError as exc:
             raise SpoolFull(_spool_message(self._directory, exc)) from None
-        chunks, self._chunks = self._chunks, []
+        chunks, self._chunks, self._starts = self._chunks, [], []
         for chunk in chunks:
             self._write(chunk)
 
@@ -153,6 +176,7 @@ class SpooledAudio:
         assert self._file is not None
         try:
             self._file.write(memoryview(block).cast("B"))
+            self._unflushed = True
         except OSError as exc:
             raise SpoolFull(_spool_message(self._directory, exc)) from None
 

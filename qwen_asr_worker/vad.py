@@ -6,15 +6,18 @@ so it works offline and needs only torch) gives a speech probability for every 3
 16 kHz). It is loaded once per process, on the first request that needs it.
 
 Speed. Fed one frame at a time the model costs about 0.2 ms a frame: 8 s for 20 minutes of audio, and far more
-where OpenMP threads sleep between the tiny calls (OMP_WAIT_POLICY=PASSIVE). So the file is cut into up to
-`_MAX_ROWS` equal rows of at least `_MIN_ROW_SECONDS`, each starting `_WARMUP_SECONDS` early so that its recurrent
-state has settled when its own frames begin, and the rows run side by side as one batch, one frame step at a time:
-20 minutes take well under a second, with region edges within a frame of the one-row run. A step copies one frame
-per row into the batch from a read-ahead of a few frames per row (16 MB in all), so the file is never read or
-copied whole and may lie in a temporary file (`spool.py`).
+where OpenMP threads sleep between the tiny calls (OMP_WAIT_POLICY=PASSIVE). So the file is cut into rows of 5 s
+(`_ROW_FRAMES`), each starting `_WARMUP_SECONDS` early so that its recurrent state has settled when its own frames
+begin, and up to `_MAX_ROWS` rows (21 minutes) run side by side as one batch, one frame step at a time: 20 minutes
+take well under a second, with region edges within a frame of the one-row run. A step copies one frame per row
+into the batch from a read-ahead of a few frames per row (16 MB in all), so the file is never read or copied
+whole and may lie in a temporary file (`spool.py`). The rows do not depend on the file's length, so a file that
+is still decoding is scored a group of rows at a time as it arrives (`probability_groups`), each frame getting
+the probability it gets in the whole file.
 
-Regions. Frame probabilities become speech runs through silero-vad's own `get_speech_timestamps_from_probs`
-(threshold with hysteresis, runs under 250 ms dropped, runs closer than `min_silence_seconds` merged). Each run is
+Regions. Frame probabilities become speech runs as silero-vad's `get_speech_timestamps_from_probs` finds them
+(threshold with hysteresis, runs under 250 ms dropped, runs closer than `min_silence_seconds` merged), here in
+`RegionFinder`, which takes the probabilities in pieces and gives each region once it is final. Each run is
 then padded by `pad_seconds` on both sides (a gap shorter than two pads is split in the middle), so a window
 starts and ends in non-speech and the model hears the first and last syllable whole.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +41,9 @@ from .spool import Samples
 log = logging.getLogger(__name__)
 
 FRAME = 512  # samples per Silero frame at 16 kHz
-_MIN_ROW_SECONDS = 5.0
+_ROW_FRAMES = 156  # 5 s of frames per row
 _WARMUP_SECONDS = 1.0
-_MAX_ROWS = 256
+_MAX_ROWS = 256  # rows side by side: a group of 21.3 minutes
 READ_BYTES = 16 << 20  # audio read ahead for all rows together: a few frames each, whatever the file's length
 MIN_SPEECH_MS = 250  # silero-vad's default: shorter bursts (a click, a cough) are not speech
 
@@ -84,20 +88,99 @@ def regions_from_probabilities(
     `MIN_SPEECH_MS` are dropped. Each region is widened by `settings.pad_seconds` on both sides, clamped to the
     file; where two padded regions would overlap, the gap between them is split in the middle.
     """
-    from silero_vad import get_speech_timestamps_from_probs
+    finder = RegionFinder(settings, sample_rate)
+    return finder.feed(probabilities) + finder.finish(total)
 
-    runs = get_speech_timestamps_from_probs(
-        [float(p) for p in probabilities],
-        sampling_rate=sample_rate,
-        threshold=settings.threshold,
-        min_speech_duration_ms=MIN_SPEECH_MS,
-        min_silence_duration_ms=round(settings.min_silence_seconds * 1000),
-        speech_pad_ms=0,
-        audio_length_samples=total,
-    )
-    speech = [(min(int(r["start"]), total), min(int(r["end"]), total)) for r in runs]
-    speech = [(s, e) for s, e in speech if e > s]
-    return pad_regions(speech, round(settings.pad_seconds * sample_rate), total)
+
+class RegionFinder:
+    """`regions_from_probabilities` over probabilities that arrive in order (a file as it decodes): `feed` gives
+    each region as soon as nothing later can change it, `finish` the rest once the length is known.
+
+    The runs are silero-vad's `get_speech_timestamps_from_probs` with no padding and no length limit (the
+    defaults the worker used it with; a test holds the two equal): speech starts at a frame at or above the
+    threshold and ends where a stretch below `threshold - 0.15` lasts `min_silence_seconds`. A closed run's
+    padded region is final once the next run has started, or once the frames seen reach two pads past its end,
+    so no next run can come close enough to split the gap.
+    """
+
+    def __init__(self, settings: VadSettings, sample_rate: int = SAMPLE_RATE) -> None:
+        self._window = FRAME if sample_rate == SAMPLE_RATE else FRAME // 2
+        self._threshold = settings.threshold
+        self._negative = max(settings.threshold - 0.15, 0.01)
+        self._min_silence = sample_rate * round(settings.min_silence_seconds * 1000) / 1000
+        self._min_speech = sample_rate * MIN_SPEECH_MS / 1000
+        self._pad = round(settings.pad_seconds * sample_rate)
+        self._frames = 0
+        self._triggered = False
+        self._start = 0
+        self._temp_end = 0  # where the current stretch of silence inside a run began (0: none)
+        self._closed: list[tuple[int, int]] = []  # closed runs whose regions are not given yet
+        self._last_end: int | None = None  # the end of the run before the first of `_closed`
+
+    def feed(self, probabilities: np.ndarray) -> list[SpeechRegion]:
+        """Take the next frames' probabilities; return the regions that are now final."""
+        window, threshold, negative = self._window, self._threshold, self._negative
+        triggered, start, temp_end = self._triggered, self._start, self._temp_end
+        for i, p in enumerate(np.asarray(probabilities, np.float64).tolist(), start=self._frames):
+            cur = window * i
+            if p >= threshold and temp_end:
+                temp_end = 0
+            if p >= threshold and not triggered:
+                triggered, start = True, cur
+                continue
+            if p < negative and triggered:
+                if not temp_end:
+                    temp_end = cur
+                if cur - temp_end < self._min_silence:
+                    continue
+                if temp_end - start > self._min_speech:
+                    self._closed.append((start, temp_end))
+                triggered, temp_end = False, 0
+        self._frames += len(probabilities)
+        self._triggered, self._start, self._temp_end = triggered, start, temp_end
+        # Every later run starts at a frame not seen yet; `seen` is also within the file (its last frame may
+        # be partial), so the clamp to the file's length cannot matter for what is given here.
+        seen = max(0, (self._frames - 1) * window + 1)
+        ready = len(self._closed)
+        if not triggered and self._closed and seen - self._closed[-1][1] < 2 * self._pad:
+            ready -= 1  # the next run may still start close enough to split the gap
+        return self._give(ready, next_start=self._start if self._triggered else None, total=None)
+
+    def open_run(self) -> tuple[int, int, int] | None:
+        """The run still open, if any: `(region_start, speech_start, end_at_least)`, where its padded region
+        will start and a bound its region's end will reach (both final)."""
+        if not self._triggered or self._closed:
+            return None
+        end = self._temp_end or max(0, (self._frames - 1) * self._window + 1)
+        return self._low(self._start, self._last_end), self._start, end
+
+    def finish(self, total: int) -> list[SpeechRegion]:
+        """The regions not given yet, now that the audio is known to hold `total` samples."""
+        if self._triggered and total - self._start > self._min_speech:
+            self._closed.append((self._start, total))
+        self._triggered = False
+        self._closed = [(min(s, total), min(e, total)) for s, e in self._closed]
+        self._closed = [(s, e) for s, e in self._closed if e > s]
+        return self._give(len(self._closed), next_start=None, total=total)
+
+    def _low(self, start: int, previous_end: int | None) -> int:
+        if previous_end is not None and start - previous_end < 2 * self._pad:
+            return previous_end + (start - previous_end) // 2
+        return max(0, start - self._pad)
+
+    def _give(self, count: int, next_start: int | None, total: int | None) -> list[SpeechRegion]:
+        """Pad and give the first `count` closed runs; `next_start` is where the run after them starts, if known."""
+        regions: list[SpeechRegion] = []
+        for k in range(count):
+            start, end = self._closed[k]
+            following = self._closed[k + 1][0] if k + 1 < len(self._closed) else next_start
+            high = end + self._pad if total is None else min(total, end + self._pad)
+            if following is not None and following - end < 2 * self._pad:
+                high = end + (following - end) // 2
+            regions.append(SpeechRegion(self._low(start, self._last_end), high, start, end))
+            self._last_end = end
+        del self._closed[:count]
+        return regions
 
 
 def pad_regions(speech: list[tuple[int, int]], pad: int, total: int) -> list[SpeechRegion]:
@@ -143,23 +226,50 @@ class StreamingVad:
 def frame_probabilities(samples: Samples) -> np.ndarray:
     """Silero's speech probability for every 512-sample frame (the last frame zero-padded), float32. `samples`
     is an array or anything sliced like one (a `SpooledAudio`): it is read a few frames per row at a time."""
-    frames = -(-len(samples) // FRAME)
-    rows = max(1, min(_MAX_ROWS, frames // round(_MIN_ROW_SECONDS * SAMPLE_RATE / FRAME)))
-    row = -(-frames // rows)  # equal rows: as many as there is audio for, each at least _MIN_ROW_SECONDS
+    groups = list(probability_groups(samples, lambda needed: len(samples)))
+    return np.concatenate(groups) if groups else np.zeros(0, np.float32)
+
+
+def probability_groups(samples: Samples, available: Callable[[int], int]) -> Iterator[np.ndarray]:
+    """`frame_probabilities` a group of rows at a time, in order, as the audio arrives: `available(n)` returns
+    how many samples are there to read, at least `n` unless the audio ends sooner (then its length; see
+    `DecodingAudio.available`). The rows are the same whatever the audio's length, so each frame's probability
+    is the same whether the file was whole or still decoding."""
     warmup = round(_WARMUP_SECONDS * SAMPLE_RATE / FRAME)
-    out = np.zeros(frames, np.float32)
-    model = _load()
-    with _model_lock, torch_state.forward_pass(), torch.inference_mode():
-        _run_rows(model, samples, np.arange(rows) * row, row, warmup, frames, out)
-    return out
+    group = _ROW_FRAMES * _MAX_ROWS
+    done = 0
+    model = None
+    while True:
+        wanted = (done + group) * FRAME
+        total = available(wanted)
+        frames = done + group if total >= wanted else -(-total // FRAME)
+        if frames <= done:
+            return
+        model = model or _load()
+        starts = np.arange(done, frames, _ROW_FRAMES)
+        out = np.zeros(frames - done, np.float32)
+        with _model_lock, torch_state.forward_pass(), torch.inference_mode():
+            _run_rows(model, samples, starts, _ROW_FRAMES, warmup, frames, out, done)
+        yield out
+        done = frames
+        if total < wanted:
+            return
 
 
 def _run_rows(
-    model: Any, samples: Samples, starts: np.ndarray, row: int, warmup: int, frames: int, out: np.ndarray
+    model: Any,
+    samples: Samples,
+    starts: np.ndarray,
+    row: int,
+    warmup: int,
+    frames: int,
+    out: np.ndarray,
+    first: int = 0,
 ) -> None:
-    """Run rows of frames side by side; row k covers frames `[starts[k], starts[k] + row)`, after `warmup` frames
-    before it (which only settle the state: their probabilities are dropped). The rows advance together, so
-    each row's next few frames are read at once, `READ_BYTES` for all rows (past the file's end, zeros)."""
+    """Run rows of frames side by side; row k covers frames `[starts[k], starts[k] + row)` (up to `frames`),
+    after `warmup` frames before it (which only settle the state: their probabilities are dropped); frame `i`'s
+    probability goes to `out[i - first]`. The rows advance together, so each row's next few frames are read at
+    once, `READ_BYTES` for all rows (past the file's end, zeros)."""
     model.reset_states()
     lead = np.minimum(starts, warmup)  # the first row of a file has no audio before it to warm up on
     begin = starts - lead
@@ -178,7 +288,7 @@ def _run_rows(
         batch[live] = block[live, step % ahead]
         probabilities = model(torch.from_numpy(batch), SAMPLE_RATE)[:, 0].numpy()
         keep = live & (index >= starts)
-        out[index[keep]] = probabilities[keep]
+        out[index[keep] - first] = probabilities[keep]
 
 
 def _read_ahead(samples: Samples, index: np.ndarray, live: np.ndarray, block: np.ndarray) -> None:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_asr_worker import chunking, pipeline, vad
-from qwen_asr_worker.audio import load_audio
+from qwen_asr_worker import chunking, pipeline, planning, vad
+from qwen_asr_worker.audio import DecodingAudio, load_audio
 from qwen_asr_worker.chunking import plan_speech_windows, plan_windows
 from qwen_asr_worker.options import WorkerOptions
 from qwen_asr_worker.spool import SpooledAudio
@@ -102,15 +102,23 @@ def test_a_spilled_request_gives_the_same_result(
     _load(harness, checkpoints, "vad:false")
     in_memory = harness.transcribe(ten_minutes, timestamp_granularities=["word"])
     spilled: list[bool] = []
-    real_open = pipeline.open_audio
+    real_decode = pipeline.decode_audio
 
-    def spy(path: str, spill_bytes: int | None = None) -> SpooledAudio:
-        audio = real_open(path, spill_bytes=spill_bytes)
-        spilled.append(audio.on_disk)
-        return audio
+    def spy(path: str, spill_bytes: int | None = None) -> DecodingAudio:
+        decoding = real_decode(path, spill_bytes=spill_bytes)
+        real_available = decoding.available
+
+        def available(needed: int) -> int:
+            got = real_available(needed)
+            if decoding.complete and not spilled:
+                spilled.append(decoding.on_disk)
+            return got
+
+        decoding.available = available  # type: ignore[method-assign]
+        return decoding
 
     monkeypatch.setattr(pipeline, "SPILL_BYTES", 1 << 20)
-    monkeypatch.setattr(pipeline, "open_audio", spy)
+    monkeypatch.setattr(pipeline, "decode_audio", spy)
     on_disk = harness.transcribe(ten_minutes, timestamp_granularities=["word"])
     assert spilled == [True]
     assert on_disk.text == in_memory.text == " ".join([SENTENCE] * 4)
@@ -152,9 +160,9 @@ def test_plan_request_reads_a_spooled_file_as_an_array() -> None:
     speech = load_audio(str(Path(__file__).parent / "fixtures" / "speech" / "meeting.opus"))
     samples = np.concatenate([speech, np.zeros(16000 * 5, np.float32), speech])
     opts = WorkerOptions(chunk_seconds=20.0)
-    expected = pipeline.plan_request(samples, opts)
+    expected = planning.plan_request(samples, opts)
     with _spooled(samples) as audio:
-        assert pipeline.plan_request(audio, opts) == expected
+        assert planning.plan_request(audio, opts) == expected
     assert len(expected) >= 2
 
 

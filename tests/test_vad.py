@@ -21,7 +21,7 @@ import backend_pb2
 from qwen_asr_worker.audio import SAMPLE_RATE, load_audio
 from qwen_asr_worker.chunking import Window, plan_speech_windows, plan_windows
 from qwen_asr_worker.options import parse_options
-from qwen_asr_worker.pipeline import plan_request
+from qwen_asr_worker.planning import plan_request
 from qwen_asr_worker.vad import (
     FRAME,
     SpeechRegion,
@@ -197,12 +197,12 @@ def test_rows_side_by_side_match_one_row(samples: dict[str, np.ndarray]) -> None
     import qwen_asr_worker.vad as vad
 
     batched = frame_probabilities(audio)
-    original = vad._MAX_ROWS
-    vad._MAX_ROWS = 1
+    original = vad._ROW_FRAMES
+    vad._ROW_FRAMES = len(audio)  # one row holds the whole file
     try:
         single = frame_probabilities(audio)
     finally:
-        vad._MAX_ROWS = original
+        vad._ROW_FRAMES = original
     total = len(audio)
     a = regions_from_probabilities(batched, total, DEFAULTS)
     b = regions_from_probabilities(single, total, DEFAULTS)
