@@ -981,6 +981,21 @@ def _fig18(r: dict[str, Any], c: Config) -> list[Row]:
                 f"({adm['request_bytes'] / 2**20:.0f} MiB a request)",
             )
         )
+    stream = r.get("rec_stream")
+    if stream and stream.get("first_delta_s") is not None:
+        first, decode = stream["first_delta_s"], stream["decode_s"]
+        rows.append(
+            Row(
+                f"18e. Stream of a {stream['duration_s'] / 3600:.3g}-h file, mostly quiet: first delta vs decoding "
+                "the file alone",
+                secs(first),
+                secs(decode),
+                first / decode,
+                "< 1 (deltas before the file is read to its end)",
+                first < decode,
+                f"final result after {secs(stream['final_s'])}; {stream['deltas']} deltas",
+            )
+        )
     return rows
 
 
@@ -1228,6 +1243,8 @@ def plan(
         quiet2h = paths[_recording(2.0, False)]
         steps.append(("rec_in_memory", "long_audio", {**rec, "clip": quiet2h, "in_memory": True}))
         steps.append(("rec_admission", "admission", {**rec, "clip": quiet2h, "clients": 8, "fits": 3, "waiting": 2}))
+        longest = paths[_recording(max(h for h, _ in config.recordings), False)]
+        steps.append(("rec_stream", "stream_start", {**rec, "clip": longest}))
     if config.wants(13):
         for side, option in (("stock", "fast_decode:off"), ("fast", "fast_decode:on")):
             params = {

@@ -844,6 +844,38 @@ def admission(params: Params) -> Result:
     return out
 
 
+def stream_start(params: Params) -> Result:
+    """Figure 18e: one long file streamed (`AudioTranscriptionStream`): when its first delta arrives and when its
+    final result does, against decoding the same file alone, in the same process, after a warm-up request."""
+    import backend_pb2
+    from qwen_asr_worker.audio import open_audio
+
+    out: Result = {"clip": params["clip"]}
+    worker = Worker()
+    worker.load(params, *params.get("extra_options", []))
+    _check_text(worker.transcribe(params["warmup_clip"]).text, out)
+    started = time.perf_counter()
+    first: float | None = None
+    deltas = 0
+    request = backend_pb2.TranscriptRequest(dst=params["clip"])
+    for message in worker.stub.AudioTranscriptionStream(request, timeout=3600):
+        if message.delta:
+            deltas += 1
+            if first is None:
+                first = time.perf_counter() - started
+        if message.HasField("final_result"):
+            out["final_s"] = time.perf_counter() - started
+            out["duration_s"] = message.final_result.duration
+    out["first_delta_s"] = first
+    out["deltas"] = deltas
+    worker.close()
+    started = time.perf_counter()
+    with open_audio(params["clip"]) as samples:
+        out["decode_s"] = time.perf_counter() - started
+        out["decoded_s"] = len(samples) / 16000
+    return out
+
+
 def _check_alive(worker: Worker, clip: str) -> bool:
     try:
         return bool(worker.transcribe(clip).text)
@@ -987,6 +1019,7 @@ SCENARIOS: dict[str, Callable[[Params], Result]] = {
     "serving": serving,
     "idle_and_free": idle_and_free,
     "long_audio": long_audio,
+    "stream_start": stream_start,
     "voice_activity": voice_activity,
     "decode": decode,
     "bandwidth": bandwidth,

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import backend_pb2
 from qwen_asr_worker import chunking, pipeline, planning, vad
 from qwen_asr_worker.audio import DecodingAudio, load_audio
 from qwen_asr_worker.chunking import plan_speech_windows, plan_windows
@@ -177,3 +179,64 @@ def test_diarization_reads_a_spooled_file_in_windows() -> None:
         assert audio.on_disk
         assert diarizer(audio, DiarizeSettings()) == expected
     assert len({turn.speaker for turn in expected}) >= 2
+
+
+def test_a_streams_first_window_is_transcribed_before_the_file_is_decoded(
+    harness: Harness, checkpoints: dict[str, Path], ten_minutes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed 10-minute file: its first window reaches the model, and its first delta is sent, while the file
+    is still decoding; the deltas join to the text a plain request gets."""
+    _load(harness, checkpoints, "vad:false")
+    whole = harness.transcribe(ten_minutes)
+    model = harness.engine.current
+    decodings: list[DecodingAudio] = []
+    real_decode = pipeline.decode_audio
+    submitted: list[bool] = []  # for each window: whether the file had been decoded to its end
+    real_submit = model.batcher.submit
+
+    def decode(path: str, spill_bytes: int | None = None) -> DecodingAudio:
+        decodings.append(real_decode(path, spill_bytes=spill_bytes))
+        return decodings[-1]
+
+    def submit(samples: np.ndarray, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        submitted.append(decodings[-1].complete)
+        return real_submit(samples, *args, **kwargs)
+
+    real_events = pipeline.RequestRun.events
+    at_deltas: list[bool] = []  # for each delta the worker sent: whether the file had been decoded to its end
+
+    def events(run: pipeline.RequestRun):  # type: ignore[no-untyped-def]
+        for item in real_events(run):
+            if isinstance(item, str):
+                at_deltas.append(decodings[-1].complete)
+            yield item
+
+    monkeypatch.setattr(pipeline, "decode_audio", decode)
+    monkeypatch.setattr(model.batcher, "submit", submit)
+    monkeypatch.setattr(pipeline.RequestRun, "events", events)
+    request = backend_pb2.TranscriptRequest(dst=str(ten_minutes))
+    messages = list(harness.stub.AudioTranscriptionStream(request, timeout=120))
+    assert submitted[0] is False and len(submitted) == 4
+    assert at_deltas[0] is False and len(at_deltas) == 4
+    assert "".join(m.delta for m in messages[:-1]) == messages[-1].final_result.text == whole.text
+    assert messages[-1].final_result.duration == pytest.approx(whole.duration)
+
+
+def test_a_stream_damaged_midway_fails_there_and_the_worker_serves_on(
+    harness: Harness, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A NaN 100 s into a 200-s file: the stream sends the deltas of the windows before it, then INVALID_ARGUMENT
+    naming the problem; the next request is served."""
+    _load(harness, checkpoints, "vad:false", "chunk_seconds:20")
+    samples = speech_like(200.0, 16000, [])
+    samples[100 * 16000] = np.nan
+    path = write_audio(tmp_path / "nan.wav", samples, 16000, "wav", subtype="FLOAT")
+    deltas: list[str] = []
+    with pytest.raises(grpc.RpcError) as failure:
+        for message in harness.stub.AudioTranscriptionStream(backend_pb2.TranscriptRequest(dst=str(path)), timeout=120):
+            deltas.append(message.delta)
+    assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite" in (failure.value.details() or "")
+    assert deltas and all(deltas)
+    good = write_audio(tmp_path / "good.wav", speech_like(30.0, 16000, []), 16000, "wav")
+    assert harness.transcribe(good).text
