@@ -13,6 +13,13 @@ by the decoder (`thinker.model`) on the stored cache; the prompt's last token is
 decodes as it always does. The result equals a full prefill up to float rounding (the prefilled rows are a
 shorter input to the same products): the tests check greedy tokens against passes without the cache.
 
+The pass's answer mostly repeats the previous pass's: its last `rollback_tokens` were left open, and with a little
+more audio the model usually writes them again. So the previous pass's tokens after this prompt's text are a
+draft: one decoder call over the prompt's last token and the draft gives the greedy choice after each draft
+token, the draft is kept up to the first token where that choice differs, and `generate` goes on from there
+(it computes the next token itself, so where and how it stops is untouched). Each kept draft token saves a
+decode step; the tokens are greedy's, up to the float rounding of a several-row call against one-row steps.
+
 qwen-asr's thinker computes its rotary positions with a state kept from its previous call (`rope_deltas`); a
 prompt of one unpadded sequence has sequential positions, so the pass sets that state to zero before decoding.
 """
@@ -36,14 +43,18 @@ class PassCache:
     encoder: EncoderCache = field(default_factory=EncoderCache)
     cache: Any = None
     ids: torch.Tensor | None = None
+    text: torch.Tensor | None = None  # the last pass's token ids after its audio: prompt text, then its answer
     reused_tokens: int = 0  # prompt tokens not prefilled again, over the session
     prefilled_tokens: int = 0  # prompt tokens prefilled
+    drafted_tokens: int = 0  # tokens of earlier answers checked in one call instead of decoded one by one
+    accepted_tokens: int = 0  # of those, the ones greedy decoding chose again
 
     def clear(self) -> None:
         """Forget everything (a commit, the session's end, the audio's start moved)."""
         self.encoder.clear()
         self.cache = None
         self.ids = None
+        self.text = None
 
     def held_bytes(self) -> int:
         """Bytes of cached encoder windows and key/value positions."""
@@ -108,18 +119,69 @@ def generate(asr: Any, inputs: Any, cached: PassCache, max_new_tokens: int) -> t
         )
     cached.reused_tokens += keep
     cached.prefilled_tokens += total - keep
+    after_audio = int(positions[-1]) + 1 if len(positions) else 0
+    draft = _draft(asr, cached.text, ids[0, after_audio:], max_new_tokens - 1)
+    sequence = ids
+    if draft is not None:
+        accepted = _verify(thinker, ids, draft, cache)
+        cached.drafted_tokens += len(draft)
+        cached.accepted_tokens += accepted
+        # The cache ends before the last kept token: `generate` runs it and picks what follows.
+        sequence = torch.cat([ids, draft[:accepted].view(1, -1)], dim=1)
+        cache.crop(sequence.shape[1] - 1)
     thinker.rope_deltas = torch.zeros((1, 1), dtype=torch.long, device=ids.device)
     out = asr.model.generate(
-        input_ids=ids,
-        attention_mask=inputs["attention_mask"],
+        input_ids=sequence,
+        attention_mask=torch.ones_like(sequence),
         past_key_values=cache,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens - (sequence.shape[1] - total),
     )
+    cached.text = out.sequences[0, after_audio:].clone()
     # Keep the prefix the next pass can share: the preamble and the audio of this pass's whole encoder windows.
     stable = min(first_audio + len(cached.encoder) * per_window, total - 1)
     cache.crop(stable)
     cached.cache, cached.ids = cache, ids[:, :stable].clone()
     return out
+
+
+_MAX_DRAFT = 16  # draft tokens checked at most: the open tail is `rollback_tokens` (5) long by default
+
+
+def _draft(asr: Any, previous: torch.Tensor | None, text: torch.Tensor, most: int) -> torch.Tensor | None:
+    """The previous pass's answer past this prompt's `text` (the token ids after its audio), when its tokens
+    begin with exactly these: up to `most` and `_MAX_DRAFT` tokens, stopping before any special token (an end
+    of text among them), or None."""
+    if previous is None or len(previous) <= len(text) or not torch.equal(previous[: len(text)], text):
+        return None
+    tail = previous[len(text) : len(text) + min(most, _MAX_DRAFT)]
+    tokenizer = asr.processor.tokenizer
+    special = torch.tensor(
+        sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    )
+    stops = torch.nonzero(torch.isin(tail, special)).flatten()
+    if len(stops):
+        tail = tail[: int(stops[0])]
+    return tail if len(tail) else None
+
+
+def _verify(thinker: Any, ids: torch.Tensor, draft: torch.Tensor, cache: Any) -> int:
+    """Run the prompt's last token and the draft but its last through the decoder on `cache` (which holds the
+    rest of the prompt); return how many draft tokens greedy decoding would choose, in order."""
+    total, count = ids.shape[1], len(draft)
+    tokens = torch.cat([ids[0, total - 1 :], draft[:-1]]).view(1, -1)
+    where = torch.arange(total - 1, total - 1 + count, device=ids.device)
+    with torch.inference_mode():
+        hidden = thinker.model(
+            inputs_embeds=thinker.get_input_embeddings()(tokens),
+            attention_mask=torch.ones((1, total - 1 + count), dtype=torch.long, device=ids.device),
+            position_ids=where.view(1, 1, -1).expand(3, 1, -1),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=where,
+        ).last_hidden_state
+        chosen = thinker.lm_head(hidden[0]).argmax(-1)  # 2-D: every position's logits, not only the last
+    same = (chosen == draft).to(torch.int8)
+    return len(draft) if bool(same.all()) else int(same.argmin())
 
 
 def _tokens_per_window(thinker: Any) -> int:

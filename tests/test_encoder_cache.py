@@ -134,6 +134,32 @@ def test_prefilled_prefix_passes_give_the_same_tokens(random_checkpoint: Path, m
         assert seconds == 6.0 or cached.reused_tokens > reused  # after the first pass: the preamble at least
         prefix += asr.processor.batch_decode(plain[:, inputs["input_ids"].shape[1] :][:, :3])[0]
     assert cached.reused_tokens > 2 * 104  # whole encoder windows' audio tokens too, not only the preamble
+    assert cached.accepted_tokens > 0  # the previous pass's answer was checked as a draft, not decoded again
+
+
+@pytest.mark.parametrize("right", [0, 2, 5])
+def test_a_wrong_draft_is_cut_where_greedy_disagrees(random_checkpoint: Path, meeting: np.ndarray, right: int) -> None:
+    """A draft whose first `right` tokens are greedy's and whose rest is wrong: those are kept, the rest is
+    decoded, and the tokens are a plain `generate`'s."""
+    from qwen_asr_worker import prefill_cache
+
+    asr = _model(random_checkpoint)
+    prompt = asr._build_text_prompt(context="", force_language="English")
+    inputs = asr.processor(text=[prompt], audio=[meeting[: 9 * SAMPLE_RATE]], return_tensors="pt", padding=True)
+    inputs = inputs.to(asr.model.dtype)
+    ids = inputs["input_ids"]
+    with torch.inference_mode():
+        plain = asr.model.generate(**inputs, max_new_tokens=12).sequences
+    answer = plain[0, ids.shape[1] :]
+    assert len(answer) > right
+    after_audio = int(torch.nonzero(ids[0] == asr.model.thinker.config.audio_token_id).flatten()[-1]) + 1
+    wrong = (answer[right : right + 4] + 1) % asr.model.thinker.config.text_config.vocab_size
+    cached = prefill_cache.PassCache()
+    cached.text = torch.cat([ids[0, after_audio:], answer[:right], wrong])
+    with torch.inference_mode():
+        fast = prefill_cache.generate(asr, inputs, cached, 12).sequences
+    assert torch.equal(fast, plain)
+    assert cached.accepted_tokens == right and cached.drafted_tokens == right + len(wrong)
 
 
 @pytest.fixture
