@@ -903,17 +903,20 @@ def live_lag(params: Params) -> Result:
     lags: list[list[float]] = [[] for _ in range(params["sessions"])]
     texts: list[str] = [""] * params["sessions"]
     reuse = {"encoder_hits": 0, "encoder_misses": 0, "reused_tokens": 0, "prefilled_tokens": 0}
+    reuse |= {"drafted_tokens": 0, "accepted_tokens": 0}
+    tails: list[float] = [0.0] * params["sessions"]  # the final result's time after the last audio was fed
 
-    def feed(inbox: AudioInbox, fed: list[int]) -> None:
+    def feed(inbox: AudioInbox, fed: list[float]) -> None:
         started = time.monotonic()
         for i in range(0, len(samples), step):
             time.sleep(max(0.0, started + i / fixtures.SAMPLE_RATE - time.monotonic()))
             inbox.put(samples[i : i + step])
             fed[0] = min(len(samples), i + step)
+        fed[1] = time.monotonic()
         inbox.end()
 
     def session(k: int) -> None:
-        inbox, fed = AudioInbox(), [0]
+        inbox, fed = AudioInbox(), [0, 0.0]
         with worker.engine.live(config) as live:
             threading.Thread(target=feed, args=(inbox, fed), daemon=True).start()
             for event in drive(live, inbox):
@@ -921,12 +924,13 @@ def live_lag(params: Params) -> Result:
                     lags[k].append(fed[0] / fixtures.SAMPLE_RATE - event.final_until)
                 else:
                     texts[k] = event.text
+                    tails[k] = time.monotonic() - fed[1]
             cached = live.pass_cache
             if cached is not None:  # what the passes did not compute again
                 reuse["encoder_hits"] += cached.encoder.hits
                 reuse["encoder_misses"] += cached.encoder.misses
-                reuse["reused_tokens"] += cached.reused_tokens
-                reuse["prefilled_tokens"] += cached.prefilled_tokens
+                for key in ("reused_tokens", "prefilled_tokens", "drafted_tokens", "accepted_tokens"):
+                    reuse[key] += getattr(cached, key)
 
     threads = [threading.Thread(target=session, args=(k,)) for k in range(params["sessions"])]
     cpu = _own_cpu_s()
@@ -940,6 +944,7 @@ def live_lag(params: Params) -> Result:
     out["deltas"] = [len(per) for per in lags]
     out["text_chars"] = [len(t) for t in texts]
     out["texts"] = texts
+    out["tails_s"] = [round(x, 3) for x in tails]
     out |= reuse
     out["audio_s"] = len(samples) / fixtures.SAMPLE_RATE
     cpu = _own_cpu_s()

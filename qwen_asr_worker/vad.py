@@ -142,17 +142,29 @@ class RegionFinder:
         # be partial), so the clamp to the file's length cannot matter for what is given here.
         seen = max(0, (self._frames - 1) * window + 1)
         ready = len(self._closed)
-        if not triggered and self._closed and seen - self._closed[-1][1] < 2 * self._pad:
-            ready -= 1  # the next run may still start close enough to split the gap
-        return self._give(ready, next_start=self._start if self._triggered else None, total=None)
+        if self._closed:
+            # The last closed run's region is final once the next run that will be kept is known, or once no
+            # such run can start close enough to split the gap (an open run shorter than the minimum is dropped).
+            earliest = start if triggered else seen
+            if earliest - self._closed[-1][1] < 2 * self._pad and not (triggered and self._open_run_kept()):
+                ready -= 1
+        return self._give(ready, next_start=start if triggered else None, total=None)
 
     def open_run(self) -> tuple[int, int, int] | None:
-        """The run still open, if any: `(region_start, speech_start, end_at_least)`, where its padded region
-        will start and a bound its region's end will reach (both final)."""
-        if not self._triggered or self._closed:
+        """The run still open, if it will be kept: `(region_start, speech_start, end_at_least)`, where its padded
+        region will start and a bound its region's end will reach (all final)."""
+        if not self._triggered or self._closed or not self._open_run_kept():
             return None
-        end = self._temp_end or max(0, (self._frames - 1) * self._window + 1)
-        return self._low(self._start, self._last_end), self._start, end
+        return self._low(self._start, self._last_end), self._start, self._open_run_end()
+
+    def _open_run_end(self) -> int:
+        """A bound the open run's end will reach: where its current silence began, or else past the frames seen
+        (the file holds more than `(frames - 1) * window` samples)."""
+        return self._temp_end or max(0, (self._frames - 1) * self._window + 1)
+
+    def _open_run_kept(self) -> bool:
+        """Whether the open run is already long enough that it will be kept, however it ends."""
+        return self._open_run_end() - self._start > self._min_speech
 
     def finish(self, total: int) -> list[SpeechRegion]:
         """The regions not given yet, now that the audio is known to hold `total` samples."""
