@@ -1043,7 +1043,8 @@ def render(rows: list[Row], info: dict[str, Any], config: Config, wall_s: float,
         "",
         header(info, config, auto),
         "",
-        f"Checkpoints: random-weight Qwen3-ASR-0.6B dims (untied lm_head, hand-wired to say a 29-word sentence) and "
+        f"Checkpoints: random-weight Qwen3-ASR-0.6B dims (untied lm_head, hand-wired to say a 29-word sentence; "
+        f"for figure 15 a 107-word text, so that live passes decode text, not `<|im_end|>`) and "
         f"Qwen3-ForcedAligner-0.6B dims, stored bf16. Generation always runs to its budget: "
         f"max_new_tokens {config.max_new_tokens} for the 10-s clips of figures 1-6 and 8, and for figures 7, 9 and "
         f"13-15 {VAD_TOKENS_PER_SECOND} per second of window (`max_tokens_per_second`, which gives a 10-s clip "
@@ -1067,6 +1068,8 @@ def prepare(runner: Runner, config: Config) -> dict[str, str]:
     kinds = ["asr", "aligner"]
     if (config.wants(7) or config.wants(14)) and config.long_model != "asr":
         kinds.append(config.long_model)
+    if config.wants(15):
+        kinds.append("asr_live")
     runner.run("build", "build", {"kinds": kinds}, timeout=3600)
     paths = {kind: str(fixtures.checkpoint_path(kind)) for kind in kinds}
     for i in range(8):
@@ -1225,6 +1228,7 @@ def plan(
         for sessions in LIVE_SESSIONS:
             params = {
                 **common,
+                "asr": paths["asr_live"],
                 "dtype": "auto",
                 "max_new_tokens": 1024,
                 "clip": paths["live"],
