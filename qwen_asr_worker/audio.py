@@ -118,11 +118,18 @@ class DecodingAudio:
         self._audio = SpooledAudio(spill_bytes=None)  # replaced by the decoder's own at its first step
         self._final = 0
         self._done = False
+        self._closed = False
         self._owned = True  # the samples are closed with this, until `finish` hands them over
 
     def available(self, needed: int) -> int:
         """Decode until at least `needed` samples are final, or to the end; return how many are final. Fewer than
-        `needed` means the file has ended: that is its length."""
+        `needed` means the file has ended: that is its length.
+
+        Raises:
+            RuntimeError: decoding was stopped (`close`, or an error raised before) short of the end.
+        """
+        if self._closed and not self._done and self._final < needed:
+            raise RuntimeError(f"{self._name}: read past {self._final} samples after its decoding was stopped")
         while not self._done and self._final < needed:
             self._step()
         return self._final
@@ -152,6 +159,7 @@ class DecodingAudio:
 
     def close(self) -> None:
         """Stop decoding and free what was decoded (unless `finish` handed it over)."""
+        self._closed = True
         self._steps.close()
         self._handle.close()
         if self._owned:

@@ -187,7 +187,14 @@ def growing_layer_class() -> type:
 
         def crop(self, max_length: int) -> None:
             super().crop(max_length)
-            self._materialize()
+            if self._key_buffer is None or self.keys is None or self.keys.numel() == 0:
+                self._materialize()
+                return
+            # The kept positions are the buffers' first ones: shorten in place and keep the spare capacity (a
+            # copy here would leave the next step no room, and that step would copy again).
+            self._length = self.keys.shape[-2]
+            self.keys = self._key_buffer[:, :, : self._length]
+            self.values = self._value_buffer[:, :, : self._length]
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             super().batch_repeat_interleave(repeats)

@@ -13,12 +13,13 @@ by the decoder (`thinker.model`) on the stored cache; the prompt's last token is
 decodes as it always does. The result equals a full prefill up to float rounding (the prefilled rows are a
 shorter input to the same products): the tests check greedy tokens against passes without the cache.
 
-The pass's answer mostly repeats the previous pass's: its last `rollback_tokens` were left open, and with a little
-more audio the model usually writes them again. So the previous pass's tokens after this prompt's text are a
-draft: one decoder call over the prompt's last token and the draft gives the greedy choice after each draft
-token, the draft is kept up to the first token where that choice differs, and `generate` goes on from there
-(it computes the next token itself, so where and how it stops is untouched). Each kept draft token saves a
-decode step; the tokens are greedy's, up to the float rounding of a several-row call against one-row steps.
+The pass's answer mostly repeats the previous pass's (where the checkpoint's generation config decodes greedily; one
+that samples, searches beams or penalises repeats gets no drafts, `plain_greedy`): its last `rollback_tokens` were
+left open, and with a little more audio the model usually writes them again. So the previous pass's tokens after
+this prompt's text are a draft: one decoder call over the prompt's last token and the draft gives the greedy choice
+after each draft token, the draft is kept up to the first token where that choice differs, and `generate` goes on
+from there (it computes the next token itself, so where and how it stops is untouched). Each kept draft token saves
+a decode step; the tokens are greedy's, up to the float rounding of a several-row call against one-row steps.
 
 qwen-asr's thinker computes its rotary positions with a state kept from its previous call (`rope_deltas`); a
 prompt of one unpadded sequence has sequential positions, so the pass sets that state to zero before decoding.
@@ -57,11 +58,14 @@ class PassCache:
         self.text = None
 
     def held_bytes(self) -> int:
-        """Bytes of cached encoder windows and key/value positions."""
+        """Bytes of cached encoder windows and key/value positions (with a growing layer's spare capacity)."""
         total = self.encoder.held_bytes()
         if self.cache is not None:
             for layer in getattr(self.cache, "layers", ()):
-                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                for kind in ("key", "value"):
+                    tensor = getattr(layer, f"_{kind}_buffer", None)
+                    if tensor is None:
+                        tensor = getattr(layer, f"{kind}s", None)
                     if isinstance(tensor, torch.Tensor):
                         total += tensor.numel() * tensor.element_size()
         return total
@@ -120,7 +124,8 @@ def generate(asr: Any, inputs: Any, cached: PassCache, max_new_tokens: int) -> t
     cached.reused_tokens += keep
     cached.prefilled_tokens += total - keep
     after_audio = int(positions[-1]) + 1 if len(positions) else 0
-    draft = _draft(asr, cached.text, ids[0, after_audio:], max_new_tokens - 1)
+    greedy = plain_greedy(getattr(thinker, "generation_config", None))
+    draft = _draft(asr, cached.text, ids[0, after_audio:], max_new_tokens - 1) if greedy else None
     sequence = ids
     if draft is not None:
         accepted = _verify(thinker, ids, draft, cache)
@@ -144,6 +149,38 @@ def generate(asr: Any, inputs: Any, cached: PassCache, max_new_tokens: int) -> t
     return out
 
 
+# Generation settings under which `generate` picks each token as the logits' argmax, as `_verify` does.
+_NEUTRAL = {
+    "do_sample": (None, False),
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None, {}),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
+
+
+def plain_greedy(config: Any) -> bool:
+    """Whether `generate` with this generation config chooses every token as the argmax of the model's logits:
+    no sampling, beams or logits processor that could pick another (a checkpoint's `generation_config.json` may
+    set them). Only then is a draft checked by argmax the tokens `generate` would write."""
+    if config is None:
+        return True
+    return all(getattr(config, name, None) in values for name, values in _NEUTRAL.items())
+
+
 _MAX_DRAFT = 16  # draft tokens checked at most: the open tail is `rollback_tokens` (5) long by default
 
 
@@ -156,7 +193,8 @@ def _draft(asr: Any, previous: torch.Tensor | None, text: torch.Tensor, most: in
     tail = previous[len(text) : len(text) + min(most, _MAX_DRAFT)]
     tokenizer = asr.processor.tokenizer
     special = torch.tensor(
-        sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+        sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}),
+        device=tail.device,
     )
     stops = torch.nonzero(torch.isin(tail, special)).flatten()
     if len(stops):

@@ -153,13 +153,61 @@ def test_a_wrong_draft_is_cut_where_greedy_disagrees(random_checkpoint: Path, me
     answer = plain[0, ids.shape[1] :]
     assert len(answer) > right
     after_audio = int(torch.nonzero(ids[0] == asr.model.thinker.config.audio_token_id).flatten()[-1]) + 1
-    wrong = (answer[right : right + 4] + 1) % asr.model.thinker.config.text_config.vocab_size
+    tokenizer = asr.processor.tokenizer
+    special = {*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    # Wrong tokens that are plain text (a special one would end the draft before them).
+    others = [t for t in range(len(tokenizer)) if t not in special and t not in answer.tolist()]
+    wrong = torch.tensor(others[:4], dtype=answer.dtype)
     cached = prefill_cache.PassCache()
     cached.text = torch.cat([ids[0, after_audio:], answer[:right], wrong])
     with torch.inference_mode():
         fast = prefill_cache.generate(asr, inputs, cached, 12).sequences
     assert torch.equal(fast, plain)
     assert cached.accepted_tokens == right and cached.drafted_tokens == right + len(wrong)
+
+
+@pytest.mark.parametrize(
+    ("setting", "greedy"),
+    [
+        ({}, True),
+        ({"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}, True),
+        ({"do_sample": True}, False),
+        ({"num_beams": 2}, False),
+        ({"repetition_penalty": 1.1}, False),
+        ({"no_repeat_ngram_size": 3}, False),
+        ({"suppress_tokens": [5]}, False),
+        ({"min_new_tokens": 4}, False),
+    ],
+)
+def test_only_plain_greedy_configs_take_drafts(setting: dict[str, Any], greedy: bool) -> None:
+    """A draft is checked by argmax: only where `generate` itself picks the argmax (no sampling, beams or logits
+    processor in the checkpoint's generation config)."""
+    from transformers import GenerationConfig
+
+    from qwen_asr_worker import prefill_cache
+
+    assert prefill_cache.plain_greedy(GenerationConfig(**setting)) is greedy
+    assert prefill_cache.plain_greedy(None)
+
+
+def test_a_penalising_config_gets_no_draft(random_checkpoint: Path, meeting: np.ndarray) -> None:
+    """With a repetition penalty in the generation config, passes decode without drafts and still give
+    `generate`'s tokens."""
+    from qwen_asr_worker import prefill_cache
+
+    asr = _model(random_checkpoint)
+    asr.model.thinker.generation_config.repetition_penalty = 1.3
+    cached = prefill_cache.PassCache()
+    prompt = asr._build_text_prompt(context="", force_language="English")
+    for seconds in (6.0, 9.0):  # the second pass's prompt text begins the first's answer: a draft, if allowed
+        audio = [meeting[: round(seconds * SAMPLE_RATE)]]
+        inputs = asr.processor(text=[prompt], audio=audio, return_tensors="pt", padding=True)
+        inputs = inputs.to(asr.model.dtype)
+        with torch.inference_mode():
+            fast = prefill_cache.generate(asr, inputs, cached, 12).sequences
+            plain = asr.model.generate(**inputs, max_new_tokens=12).sequences
+        assert torch.equal(fast, plain)
+    assert cached.drafted_tokens == 0
 
 
 @pytest.fixture

@@ -262,6 +262,31 @@ def test_growing_cache_returns_what_concatenation_returns() -> None:
     assert torch.equal(growing.update(key, value)[1], plain.update(key, value)[1])
 
 
+def test_a_crop_keeps_the_buffer_and_its_spare_room() -> None:
+    """Cropping shortens the cache in place: the same buffer, its spare capacity kept, so the next position is
+    written without another copy, and the values are still concatenation's."""
+    from transformers.cache_utils import DynamicLayer
+
+    growing, plain = decode_step.growing_layer_class()(8), DynamicLayer()
+    torch.manual_seed(0)
+    key, value = torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4)
+    growing.update(key, value)
+    plain.update(key, value)
+    buffer = growing._key_buffer.data_ptr()
+    for length in (25, 12, 12):  # past the end (nothing to crop), then shorter, then the same
+        growing.crop(length)
+        plain.crop(length)
+        assert growing.get_seq_length() == plain.get_seq_length()
+        key, value = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+        got, expected = growing.update(key, value), plain.update(key, value)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert growing._key_buffer.data_ptr() == buffer  # no copy: the room was kept
+    growing.crop(0)
+    plain.crop(0)
+    key, value = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    assert torch.equal(growing.update(key, value)[0], plain.update(key, value)[0])
+
+
 def test_growing_cache_keeps_the_model_dtype_and_the_values() -> None:
     from transformers.cache_utils import DynamicLayer
 

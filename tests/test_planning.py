@@ -4,6 +4,7 @@ exactly what they give over the whole file, and the first windows come before th
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,8 @@ def test_region_finder_gives_silero_regions_in_pieces(
     short: int,
 ) -> None:
     """Fed in any pieces, the finder gives silero-vad's regions, in order, each once; what it gives before the
-    length is known is already final."""
+    length is known is already final, and so is what it says of the run still open (its region's start and
+    speech start, and a bound its region's and its speech's ends reach)."""
     parts = [np.full(n, p, np.float32) for p, n in runs] + [np.asarray(noise, np.float32)]
     probabilities = np.concatenate(parts)
     total = max(1, len(probabilities) * FRAME - short) if len(probabilities) else 0
@@ -78,6 +80,13 @@ def test_region_finder_gives_silero_regions_in_pieces(
     for a, b in itertools.pairwise(bounds):
         found.extend(finder.feed(probabilities[a:b]))
         assert found == expected[: len(found)]
+        run = finder.open_run()
+        if run is not None:
+            begin, speech_start, end_at_least = run
+            assert len(expected) > len(found)
+            region = expected[len(found)]
+            assert (region.start, region.speech_start) == (begin, speech_start)
+            assert region.speech_end >= end_at_least and region.end >= end_at_least
     assert found + finder.finish(total) == expected
 
 
@@ -173,3 +182,18 @@ def test_a_damaged_tail_fails_the_plan_where_the_decoder_meets_it(tmp_path: Path
         for window in WindowPlan(decoding, decoding.available, parse_options(["vad:off", "chunk_seconds:20"])):
             windows.append(window)
     assert len(windows) >= 1 and windows[-1].end < 100 * SAMPLE_RATE
+
+
+def test_reading_past_what_decoded_after_an_error_says_so(tmp_path: Path) -> None:
+    """After the decoder's error the samples already final can still be counted, but asking for more raises
+    instead of passing for the end of the file."""
+    samples = np.zeros(SAMPLE_RATE * 200, np.float32)
+    samples[100 * SAMPLE_RATE] = np.nan
+    path = write_audio(tmp_path / "nan.wav", samples, SAMPLE_RATE, "wav", subtype="FLOAT")
+    with decode_audio(str(path)) as decoding:
+        with pytest.raises(audio.AudioError, match="NaN or infinite"):
+            decoding.available(sys.maxsize)
+        final = len(decoding)
+        assert decoding.available(final) == final
+        with pytest.raises(RuntimeError, match="after its decoding was stopped"):
+            decoding.available(final + 1)
