@@ -902,8 +902,8 @@ def live_lag(params: Params) -> Result:
     step = fixtures.SAMPLE_RATE // 10
     lags: list[list[float]] = [[] for _ in range(params["sessions"])]
     texts: list[str] = [""] * params["sessions"]
-    reuse = {"encoder_hits": 0, "encoder_misses": 0, "reused_tokens": 0, "prefilled_tokens": 0}
-    reuse |= {"drafted_tokens": 0, "accepted_tokens": 0}
+    counted = ("reused_tokens", "prefilled_tokens", "drafted_tokens", "accepted_tokens")  # PassCache's counters
+    reuse = {"encoder_hits": 0, "encoder_misses": 0} | dict.fromkeys(counted, 0)
     tails: list[float] = [0.0] * params["sessions"]  # the final result's time after the last audio was fed
 
     def feed(inbox: AudioInbox, fed: list[float]) -> None:
@@ -929,7 +929,7 @@ def live_lag(params: Params) -> Result:
             if cached is not None:  # what the passes did not compute again
                 reuse["encoder_hits"] += cached.encoder.hits
                 reuse["encoder_misses"] += cached.encoder.misses
-                for key in ("reused_tokens", "prefilled_tokens", "drafted_tokens", "accepted_tokens"):
+                for key in counted:
                     reuse[key] += getattr(cached, key)
 
     threads = [threading.Thread(target=session, args=(k,)) for k in range(params["sessions"])]

@@ -111,6 +111,9 @@ def growing_layer_class() -> type:
         def __init__(self, spare: int = _GROWTH) -> None:
             super().__init__()
             self._spare = spare
+            self._key_buffer: torch.Tensor | None = None
+            self._value_buffer: torch.Tensor | None = None
+            self._length = 0
 
         def lazy_initialization(self, key_states: torch.Tensor) -> None:
             super().lazy_initialization(key_states)
@@ -187,14 +190,21 @@ def growing_layer_class() -> type:
 
         def crop(self, max_length: int) -> None:
             super().crop(max_length)
-            if self._key_buffer is None or self.keys is None or self.keys.numel() == 0:
+            if self._key_buffer is None or self._value_buffer is None or not self.get_seq_length():
                 self._materialize()
                 return
             # The kept positions are the buffers' first ones: shorten in place and keep the spare capacity (a
             # copy here would leave the next step no room, and that step would copy again).
-            self._length = self.keys.shape[-2]
+            self._length = self.get_seq_length()
             self.keys = self._key_buffer[:, :, : self._length]
             self.values = self._value_buffer[:, :, : self._length]
+
+        def held_bytes(self) -> int:
+            """Bytes this layer holds: its buffers with their spare room, or else its keys and values."""
+            tensors = (
+                (self._key_buffer, self._value_buffer) if self._key_buffer is not None else (self.keys, self.values)
+            )
+            return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             super().batch_repeat_interleave(repeats)

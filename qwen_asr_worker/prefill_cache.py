@@ -62,10 +62,10 @@ class PassCache:
         total = self.encoder.held_bytes()
         if self.cache is not None:
             for layer in getattr(self.cache, "layers", ()):
-                for kind in ("key", "value"):
-                    tensor = getattr(layer, f"_{kind}_buffer", None)
-                    if tensor is None:
-                        tensor = getattr(layer, f"{kind}s", None)
+                if hasattr(layer, "held_bytes"):  # a growing layer: its buffers, spare room included
+                    total += layer.held_bytes()
+                    continue
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                     if isinstance(tensor, torch.Tensor):
                         total += tensor.numel() * tensor.element_size()
         return total
@@ -184,6 +184,11 @@ def plain_greedy(config: Any) -> bool:
 _MAX_DRAFT = 16  # draft tokens checked at most: the open tail is `rollback_tokens` (5) long by default
 
 
+def special_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special token ids (end of text and padding among them): a draft stops before any."""
+    return {*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+
 def _draft(asr: Any, previous: torch.Tensor | None, text: torch.Tensor, most: int) -> torch.Tensor | None:
     """The previous pass's answer past this prompt's `text` (the token ids after its audio), when its tokens
     begin with exactly these: up to `most` and `_MAX_DRAFT` tokens, stopping before any special token (an end
@@ -191,11 +196,7 @@ def _draft(asr: Any, previous: torch.Tensor | None, text: torch.Tensor, most: in
     if previous is None or len(previous) <= len(text) or not torch.equal(previous[: len(text)], text):
         return None
     tail = previous[len(text) : len(text) + min(most, _MAX_DRAFT)]
-    tokenizer = asr.processor.tokenizer
-    special = torch.tensor(
-        sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}),
-        device=tail.device,
-    )
+    special = torch.tensor(sorted(special_ids(asr.processor.tokenizer)), device=tail.device)
     stops = torch.nonzero(torch.isin(tail, special)).flatten()
     if len(stops):
         tail = tail[: int(stops[0])]

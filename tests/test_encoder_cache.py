@@ -154,7 +154,7 @@ def test_a_wrong_draft_is_cut_where_greedy_disagrees(random_checkpoint: Path, me
     assert len(answer) > right
     after_audio = int(torch.nonzero(ids[0] == asr.model.thinker.config.audio_token_id).flatten()[-1]) + 1
     tokenizer = asr.processor.tokenizer
-    special = {*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    special = prefill_cache.special_ids(tokenizer)
     # Wrong tokens that are plain text (a special one would end the draft before them).
     others = [t for t in range(len(tokenizer)) if t not in special and t not in answer.tolist()]
     wrong = torch.tensor(others[:4], dtype=answer.dtype)
@@ -257,6 +257,7 @@ def test_sessions_free_their_windows_at_commit_and_close(harness: Harness, check
         held = max(held, len(cache))
     assert held == 2 and cache.hits > 0  # two whole windows of the open utterance, reused by later passes
     assert session.pass_cache.reused_tokens > 0 and session.pass_cache.cache is not None
+    assert session.pass_cache.held_bytes() > session.pass_cache.encoder.held_bytes()  # the kept keys count too
     for i in range(19 * SAMPLE_RATE, 22 * SAMPLE_RATE, SAMPLE_RATE):  # past the 20-s cap: committed
         session.feed(samples[i : i + SAMPLE_RATE])
         session.step()

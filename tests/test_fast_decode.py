@@ -268,11 +268,13 @@ def test_a_crop_keeps_the_buffer_and_its_spare_room() -> None:
     from transformers.cache_utils import DynamicLayer
 
     growing, plain = decode_step.growing_layer_class()(8), DynamicLayer()
+    growing.crop(5)  # before anything was stored: nothing to crop, nothing held
+    assert growing.get_seq_length() == 0 and growing.held_bytes() == 0
     torch.manual_seed(0)
     key, value = torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4)
     growing.update(key, value)
     plain.update(key, value)
-    buffer = growing._key_buffer.data_ptr()
+    buffer = growing.keys.data_ptr()  # the keys are a view of the buffer's first positions
     for length in (25, 12, 12):  # past the end (nothing to crop), then shorter, then the same
         growing.crop(length)
         plain.crop(length)
@@ -280,7 +282,9 @@ def test_a_crop_keeps_the_buffer_and_its_spare_room() -> None:
         key, value = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
         got, expected = growing.update(key, value), plain.update(key, value)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-        assert growing._key_buffer.data_ptr() == buffer  # no copy: the room was kept
+        assert growing.keys.data_ptr() == buffer  # no copy: the room was kept
+        # Keys and values, as first allocated: 2 heads x (20 + 8 spare) positions x 4 wide, float32.
+        assert growing.held_bytes() == 2 * (2 * 28 * 4) * 4
     growing.crop(0)
     plain.crop(0)
     key, value = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
